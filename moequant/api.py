@@ -75,7 +75,8 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, tokenizer=N
     if cfg.rotate == "hadamard":  # the rotated model is the same function; its weights quantize better.
         from .rotate import rotate_model  # seeded, so a resumed run rotates identically
 
-        rotate_model(model, seed=cfg.rotate_seed)
+        rotate_model(model, seed=cfg.rotate_seed,  # float64 math on the accelerator when there is one
+                     device=cfg.device or ("cuda" if torch.cuda.is_available() else None))
     start, prior_packed, prior_layers, inputs = 0, {}, [], None
     if resume and output_dir is not None:
         # The saved calibration tokens make the resumed run identical to an uninterrupted one (and spare EBSS).
