@@ -1,0 +1,145 @@
+"""Per-expert (affinity-weighted) Hessians in one kernel: H_e += sum_i w_ie x_i x_iᵀ (MoEQuant Eq. 19).
+
+The routed (token, slot) pairs are grouped by expert with the same alignment as the fused MoE GEMMs
+(`moe_align`), so each expert's rows form a run of whole blocks. One program owns one (expert, tile i,
+tile j) with i <= j of the K x K result: it walks the expert's blocks of rows, multiplies the two
+column slabs on the tensor cores (bf16/fp16 operands, fp32 accumulation) and adds the tile into H and its
+transpose into the mirrored tile, so only the upper triangle is computed. Programs of one expert run
+next to each other, so its rows are read from DRAM about once and re-read from L2.
+
+The affinity is applied to one operand (rows x * w against rows x), which is the same sum as rows scaled
+by sqrt(w) on both sides with one rounding to the input dtype instead of two. Diagonal tiles are
+symmetrised, so H is exactly symmetric.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_utils import interpreting, kernel_for, next_pow2
+from .moe_align import moe_align
+
+
+@triton.jit
+def _expert_hessian_kernel(
+    x_ptr, w_ptr, sorted_ids_ptr, offsets_ptr, tiles_ptr, h_ptr,
+    K, num_pairs, stride_x,
+    TOPK: tl.constexpr, HAS_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SCALE_A: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    e = tl.program_id(1)
+    start = tl.load(offsets_ptr + e)
+    end = tl.load(offsets_ptr + e + 1)
+    if start == end:  # no rows routed to this expert: H_e is left as it was
+        return
+    ti = tl.load(tiles_ptr + 2 * tile)
+    tj = tl.load(tiles_ptr + 2 * tile + 1)
+    offs_i = ti * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_j = tj * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_i = offs_i < K
+    mask_j = offs_j < K
+    acc = tl.zeros((BLOCK_K, BLOCK_K), dtype=tl.float32)
+    for p0 in range(start, end, BLOCK_T):  # the expert's run is a whole number of blocks
+        offs_p = p0 + tl.arange(0, BLOCK_T)
+        pair = tl.load(sorted_ids_ptr + offs_p)
+        valid = pair < num_pairs  # padding slots hold num_pairs
+        row = (pair // TOPK).to(tl.int64) * stride_x
+        a = tl.load(x_ptr + row[:, None] + offs_i[None, :], mask=valid[:, None] & mask_i[None, :], other=0.0)
+        b = tl.load(x_ptr + row[:, None] + offs_j[None, :], mask=valid[:, None] & mask_j[None, :], other=0.0)
+        if HAS_W:
+            w = tl.load(w_ptr + pair, mask=valid, other=0.0).to(tl.float32)
+            if SCALE_A:  # the left operand may live in registers (wgmma), the right one stays in shared memory
+                a = (a.to(tl.float32) * w[:, None]).to(x_ptr.dtype.element_ty)
+            else:
+                b = (b.to(tl.float32) * w[:, None]).to(x_ptr.dtype.element_ty)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=DOT_PRECISION)
+
+    h_base = h_ptr + e.to(tl.int64) * K * K
+    mask = mask_i[:, None] & mask_j[None, :]
+    ptr_ij = h_base + offs_i[:, None] * K + offs_j[None, :]
+    if ti == tj:
+        acc = (acc + tl.trans(acc)) * 0.5  # exact symmetry on the diagonal blocks
+        tl.store(ptr_ij, tl.load(ptr_ij, mask=mask) + acc, mask=mask)
+    else:
+        tl.store(ptr_ij, tl.load(ptr_ij, mask=mask) + acc, mask=mask)
+        ptr_ji = h_base + offs_j[None, :] * K + offs_i[:, None]  # tile (j, i) = acc transposed
+        tl.store(ptr_ji, tl.load(ptr_ji, mask=mask) + acc, mask=mask)
+
+
+_TILE_CACHE: dict = {}
+
+
+def _upper_tiles(num_tiles: int, device) -> torch.Tensor:
+    """int32 [n(n+1)/2, 2]: (i, j) with i <= j, row-major."""
+    key = (num_tiles, str(device))
+    if key not in _TILE_CACHE:
+        i, j = torch.triu_indices(num_tiles, num_tiles)
+        _TILE_CACHE[key] = torch.stack([i, j], 1).to(torch.int32).contiguous().to(device)
+    return _TILE_CACHE[key]
+
+
+def _check(x, topk_ids, weights, num_experts, H, counts):
+    if x.dim() != 2:
+        raise ValueError(f"expert_hessians: x must be [tokens, K], got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"expert_hessians: x must be bf16, fp16 or fp32, got {x.dtype}")
+    T, K = x.shape
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != T:
+        raise ValueError(f"expert_hessians: topk_ids must be [{T}, k], got {tuple(topk_ids.shape)}")
+    if weights is not None and tuple(weights.shape) != tuple(topk_ids.shape):
+        raise ValueError(f"expert_hessians: weights must match topk_ids {tuple(topk_ids.shape)}, got {tuple(weights.shape)}")
+    if weights is not None and not weights.dtype.is_floating_point:
+        raise ValueError(f"expert_hessians: weights must be floating point, got {weights.dtype}")
+    for name, t in (("topk_ids", topk_ids), ("weights", weights), ("H", H), ("counts", counts)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"expert_hessians: {name} is on {t.device}, x on {x.device}; put them on one device")
+    if H is not None:
+        if tuple(H.shape) != (num_experts, K, K) or H.dtype != torch.float32 or not H.is_contiguous():
+            raise ValueError(f"expert_hessians: H must be a contiguous fp32 [{num_experts}, {K}, {K}] tensor, "
+                             f"got {H.dtype} {tuple(H.shape)}")
+    if counts is not None and (tuple(counts.shape) != (num_experts,) or counts.dtype != torch.int64):
+        raise ValueError(f"expert_hessians: counts must be int64 [{num_experts}], got {counts.dtype} {tuple(counts.shape)}")
+
+
+def expert_hessians(x, topk_ids, weights, num_experts, H=None, counts=None, *, block_k=None, block_t=None,
+                    num_warps=4, num_stages=None, scale_a=True):
+    """H_e += sum over pairs (t, s) routed to e of w[t, s] * x_t x_tᵀ; counts_e += number of such pairs.
+
+    x [T, K] bf16/fp16/fp32, topk_ids [T, k] int, weights [T, k] or None (plain GPTQ Hessians).
+    For down_proj, whose inputs are one row per (token, expert), pass topk_ids [N, 1] and weights [N, 1].
+    H (fp32 [E, K, K]) and counts (int64 [E]) are accumulated in place when given. Returns (H, counts).
+    Same semantics as `moequant.reference.expert_hessians_ref`; weights must be >= 0.
+    """
+    _check(x, topk_ids, weights, num_experts, H, counts)
+    kernel = kernel_for(_expert_hessian_kernel, x.device, "expert_hessians")
+    T, K = x.shape
+    if H is None:
+        H = torch.zeros(num_experts, K, K, dtype=torch.float32, device=x.device)
+    if counts is None:
+        counts = torch.zeros(num_experts, dtype=torch.int64, device=x.device)
+    if T == 0 or K == 0:
+        return H, counts
+    interp = interpreting()
+    bk = block_k or min(32 if interp else 128, max(16, next_pow2(K)))
+    # Defaults from the H100 sweep of 2026-11-24 (E=64, K=2048, 64k tokens; /work/notes/bench_kernels.md):
+    # GPTQ 32-row steps, 5 stages; AGQ (the scaling sits between load and dot) 64-row steps, 4 stages.
+    wide = x.dtype == torch.float32
+    bt = block_t or (16 if interp else (32 if weights is None or wide else 64))
+    num_stages = num_stages or (3 if wide else (5 if weights is None else 4))
+    x = x if x.stride(1) == 1 else x.contiguous()
+    topk = topk_ids.shape[1]
+    al = moe_align(topk_ids, num_experts, bt)
+    w = None if weights is None else weights.contiguous()
+    tiles = _upper_tiles(triton.cdiv(K, bk), x.device)
+    grid = (tiles.shape[0], num_experts)
+    precision = "tf32x3" if x.dtype == torch.float32 else "tf32"  # 16-bit operands ignore it
+    kernel[grid](
+        x, w if w is not None else x, al.sorted_ids, al.expert_offsets, tiles, H,
+        K, al.num_pairs, x.stride(0),
+        TOPK=topk, HAS_W=w is not None, BLOCK_T=bt, BLOCK_K=bk, DOT_PRECISION=precision, SCALE_A=scale_a,
+        **({} if interp else {"num_warps": num_warps, "num_stages": num_stages}),
+    )
+    counts += al.counts
+    return H, counts

@@ -1,0 +1,183 @@
+"""fused_moe_w4a16 (Triton) against fused_moe_w4a16_ref (float64) on fresh random inputs.
+
+CPU: Triton interpreter (TRITON_INTERPRET=1, set here when there is no GPU), tiny shapes, fp16.
+GPU: real MoE shapes (E=60, I=1408, odd M), bf16/fp16, group sizes 32/64/128/per-channel, sym/asym.
+"""
+import dataclasses
+import os
+
+import pytest
+import torch
+import triton
+from triton.runtime.interpreter import InterpretedFunction
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from moequant.kernels import MoeConfig, default_config, fused_moe_w4a16, prepare_moe_w4a16  # noqa: E402
+from moequant.packing import PackedWeight  # noqa: E402
+from moequant.quant.quantizer import QuantSpec, quantize_rtn  # noqa: E402
+from moequant.kernels.fused_moe_w4a16 import _moe_gemm1_kernel as _KERNEL  # noqa: E402
+from moequant.reference import fused_moe_w4a16_ref  # noqa: E402
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+# CPU tests run the kernels in Triton's interpreter, which Triton chooses when it is imported (its own
+# standard library included): on a CUDA machine, or if triton was imported before this module set the
+# variable, run them in their own process with TRITON_INTERPRET=1.
+_INTERPRETED = isinstance(_KERNEL, InterpretedFunction)
+interpreter = pytest.mark.skipif(not (_INTERPRETED and isinstance(triton.language.standard.cdiv, InterpretedFunction)),
+                                 reason="CPU interpreter test: run with TRITON_INTERPRET=1 set before triton is imported")
+
+
+def _layer(E, H, I, g, sym, dtype, device, gen):
+    spec = QuantSpec(bits=4, group_size=g, sym=sym)
+    w13 = torch.randn(E, 2 * I, H, generator=gen) / H ** 0.5
+    w2 = torch.randn(E, H, I, generator=gen) / I ** 0.5
+    return quantize_rtn(w13, spec, dtype).to(device), quantize_rtn(w2, spec, dtype).to(device)
+
+
+def _routing(M, E, k, device, gen):
+    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(M)])
+    w = torch.softmax(torch.randn(M, k, generator=gen), -1)
+    return ids.to(device), w.to(device)
+
+
+def _poison_allocator(device):
+    """Fill memory the caching allocator will hand out next with NaN, so unwritten buffers show."""
+    if device == "cuda":
+        torch.full((64 << 20,), float("nan"), device=device)  # freed at once, its blocks stay cached
+
+
+def _check(out, ref, dtype):
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert torch.isfinite(out).all()
+    o, r = out.double().cpu(), ref.double().cpu()
+    rel = ((o - r).norm() / r.norm()).item()
+    assert rel < (1e-2 if dtype == torch.bfloat16 else 3e-3), rel
+    # every row was written: per-row errors too, not only the global norm
+    row_rel = (o - r).norm(dim=1) / r.norm(dim=1)
+    assert row_rel.max().item() < (3e-2 if dtype == torch.bfloat16 else 1e-2), row_rel.max().item()
+
+
+@interpreter
+@pytest.mark.parametrize("g,sym,cfg", [
+    (32, True, None),
+    (32, False, MoeConfig(16, 32, 32, 64, 2, 4, 1, swap_ab=False)),  # K tile 64 over I=96: ragged, 2 groups per tile
+    (-1, False, None),  # per channel
+])
+def test_fused_moe_cpu_interpreter(g, sym, cfg):
+    gen = torch.Generator().manual_seed(10 + g + sym)
+    M, H, I, E, k = 5, 64, 96, 4, 2
+    w13, w2 = _layer(E, H, I, g, sym, torch.float16, "cpu", gen)
+    x = torch.randn(M, H, generator=gen).half()
+    ids, tw = _routing(M, E, k, "cpu", gen)
+    out = fused_moe_w4a16(x, prepare_moe_w4a16(w13), prepare_moe_w4a16(w2), ids, tw, config=cfg)
+    _check(out, fused_moe_w4a16_ref(x, w13, w2, ids, tw), torch.float16)
+
+
+@interpreter
+def test_fused_moe_cpu_accepts_packed_weights_and_topk1():
+    gen = torch.Generator().manual_seed(7)
+    M, H, I, E, k = 3, 32, 64, 3, 1
+    w13, w2 = _layer(E, H, I, 32, True, torch.float16, "cpu", gen)
+    x = torch.randn(M, H, generator=gen).half()
+    ids, tw = _routing(M, E, k, "cpu", gen)
+    tw = tw * 0.7  # not 1: the routing weight must be applied
+    _check(fused_moe_w4a16(x, w13, w2, ids, tw), fused_moe_w4a16_ref(x, w13, w2, ids, tw), torch.float16)
+
+
+def test_fused_moe_errors():
+    gen = torch.Generator().manual_seed(8)
+    E, H, I = 2, 64, 32
+    w13, w2 = _layer(E, H, I, 32, True, torch.float16, "cpu", gen)
+    x = torch.randn(4, H, generator=gen).half()
+    ids, tw = _routing(4, E, 1, "cpu", gen)
+    with pytest.raises(ValueError, match="bf16 or fp16"):
+        fused_moe_w4a16(x.float(), w13, w2, ids, tw)
+    with pytest.raises(ValueError, match="w2 must be"):
+        fused_moe_w4a16(x, w13, w13, ids, tw)
+    with pytest.raises(ValueError, match="hidden size"):
+        fused_moe_w4a16(x[:, :32].contiguous(), w13, w2, ids, tw)
+    bad_g = PackedWeight(w13.qweight, w13.scales, None, None, 4, 48)
+    with pytest.raises(ValueError, match="does not divide"):
+        fused_moe_w4a16(x, bad_g, w2, ids, tw)
+    bad_scales = PackedWeight(w13.qweight, w13.scales[:, :1], None, None, 4, 32)
+    with pytest.raises(ValueError, match="scales shape"):
+        fused_moe_w4a16(x, bad_scales, w2, ids, tw)
+    with pytest.raises(ValueError, match="4-bit"):
+        fused_moe_w4a16(x, PackedWeight(w13.qweight, w13.scales, None, None, 8, 32), w2, ids, tw)
+    with pytest.raises(ValueError, match="act-order"):
+        fused_moe_w4a16(x, PackedWeight(w13.qweight, w13.scales, None, torch.zeros(H, dtype=torch.int32), 4, 32),
+                        w2, ids, tw)
+    with pytest.raises(ValueError, match="topk_weights"):
+        fused_moe_w4a16(x, w13, w2, ids, tw[:, :0])
+
+
+@pytest.mark.skipif(_INTERPRETED, reason="needs the compiled (non-interpreted) kernel")
+def test_fused_moe_cpu_without_interpreter_raises():
+    gen = torch.Generator().manual_seed(9)
+    w13, w2 = _layer(2, 32, 32, 32, True, torch.float16, "cpu", gen)
+    ids, tw = _routing(2, 2, 1, "cpu", gen)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        fused_moe_w4a16(torch.randn(2, 32).half(), w13, w2, ids, tw)
+
+
+@gpu
+@pytest.mark.parametrize("dtype,g,sym,M", [
+    (torch.bfloat16, 128, True, 1), (torch.bfloat16, 128, True, 33), (torch.bfloat16, 128, True, 301),
+    (torch.bfloat16, 128, False, 301), (torch.float16, 32, False, 33), (torch.bfloat16, 64, True, 1),
+    (torch.float16, -1, True, 301), (torch.bfloat16, -1, False, 33),
+])
+def test_fused_moe_gpu_qwen_shape(dtype, g, sym, M):
+    """Qwen1.5-MoE shape: E=60, k=4, H=2048, I=1408 (I is not a multiple of 256), odd M."""
+    gen = torch.Generator().manual_seed(M * 100 + g + sym)
+    E, k, H, I = 60, 4, 2048, 1408
+    w13, w2 = _layer(E, H, I, g, sym, dtype, "cuda", gen)
+    p13, p2 = prepare_moe_w4a16(w13), prepare_moe_w4a16(w2)
+    x = torch.randn(M, H, generator=gen).to(dtype).cuda()
+    ids, tw = _routing(M, E, k, "cuda", gen)
+    _poison_allocator("cuda")
+    out = fused_moe_w4a16(x, p13, p2, ids, tw)
+    _check(out, fused_moe_w4a16_ref(x, w13, w2, ids, tw), dtype)
+
+
+@gpu
+@pytest.mark.parametrize("M,swap_ab", [(2, True), (4096, True), (4096, False), (2, False)])
+def test_fused_moe_gpu_large_m_and_skewed_routing(M, swap_ab):
+    """Mixtral-like ratios (E=8, k=2) at small and large M; routing skewed so one expert takes most tokens."""
+    gen = torch.Generator().manual_seed(M)
+    E, k, H, I = 8, 2, 1024, 3584
+    w13, w2 = _layer(E, H, I, 128, True, torch.bfloat16, "cuda", gen)
+    p13, p2 = prepare_moe_w4a16(w13), prepare_moe_w4a16(w2)
+    x = torch.randn(M, H, generator=gen).bfloat16().cuda()
+    ids, tw = _routing(M, E, k, "cuda", gen)
+    ids[: M // 2, 0] = 3
+    ids[: M // 2, 1] = torch.where(ids[: M // 2, 1] == 3, 5, ids[: M // 2, 1])
+    cfg = dataclasses.replace(default_config(M, k, E, H, I), swap_ab=swap_ab)
+    _poison_allocator("cuda")
+    out = fused_moe_w4a16(x, p13, p2, ids, tw, config=cfg)
+    _check(out, fused_moe_w4a16_ref(x, w13, w2, ids, tw), torch.bfloat16)
+
+
+@gpu
+def test_fused_moe_gpu_cuda_graph():
+    """The layer is sync-free: capture it in a CUDA graph, replay on new inputs in the same buffers."""
+    gen = torch.Generator().manual_seed(11)
+    E, k, H, I, M = 16, 4, 512, 768, 24
+    w13, w2 = _layer(E, H, I, 128, True, torch.bfloat16, "cuda", gen)
+    p13, p2 = prepare_moe_w4a16(w13), prepare_moe_w4a16(w2)
+    x = torch.randn(M, H, generator=gen).bfloat16().cuda()
+    ids, tw = _routing(M, E, k, "cuda", gen)
+    fused_moe_w4a16(x, p13, p2, ids, tw)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_moe_w4a16(x, p13, p2, ids, tw)
+    x2 = torch.randn(M, H, generator=gen).bfloat16().cuda()
+    ids2, tw2 = _routing(M, E, k, "cuda", gen)
+    x.copy_(x2), ids.copy_(ids2), tw.copy_(tw2)
+    out.fill_(float("nan"))
+    graph.replay()
+    _check(out, fused_moe_w4a16_ref(x2, w13, w2, ids2, tw2), torch.bfloat16)
