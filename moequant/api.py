@@ -1,6 +1,7 @@
 """Public entry points: `moequant.quantize(model, config)` and `moequant.load(path)`."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -31,7 +32,20 @@ def calibration_tokens(model, cfg: QuantConfig, tokenizer=None, progress=True):
         except ImportError as e:  # pragma: no cover - EBSS ships with the package
             raise RuntimeError("method 'moequant' needs EBSS (moequant.calib.ebss), which is missing") from e
         ecfg = EBSSConfig(**{"num_sequences": cfg.num_samples, "seq_len": seq_len, "seed": cfg.seed, **cfg.ebss})
-        res = ebss_generate(model, ecfg, tokenizer=tokenizer, progress=progress)
+        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        home = next(model.parameters()).device
+        if device.type == "cuda" and home.type != "cuda":  # EBSS runs where the model is: put it on the GPU if it fits
+            need = sum(p.numel() * p.element_size() for p in model.parameters())
+            free = torch.cuda.mem_get_info(device)[0]
+            if need < 0.8 * free:
+                model.to(device)
+            else:
+                log.warning(f"EBSS runs on the CPU: the model ({need / 2**30:.1f} GiB) does not fit the GPU's free "
+                            f"{free / 2**30:.1f} GiB")
+        try:
+            res = ebss_generate(model, ecfg, tokenizer=tokenizer, progress=progress)
+        finally:
+            model.to(home)
         return res.tokens, {"source": "ebss", **res.params}
     ids = text_calibration(tokenizer, cfg.num_samples, seq_len, cfg.calib_file, cfg.seed)
     return ids, {"source": "text", "file": cfg.calib_file or "moequant/data/calib_en.txt",
@@ -125,7 +139,7 @@ def _check_resume(cfg: QuantConfig, out: str) -> dict:
     if not os.path.isfile(prog_path):
         raise FileNotFoundError(f"nothing to resume in {out} (no {ck.PROGRESS}); run without --resume")
     prog = ck.read_json(prog_path)
-    if prog["config"] != cfg.to_dict():
+    if prog["config"] != json.loads(json.dumps(cfg.to_dict())):  # compare as saved (JSON turns tuples into lists)
         raise ValueError(f"{out} was started with different settings; resume with the same settings "
                          f"(saved in {prog_path}) or use a new output directory")
     if prog["layers_done"] != list(range(len(prog["layers_done"]))):

@@ -54,7 +54,8 @@ def cmd_quantize(a) -> int:
     from . import QuantConfig, quantize
     from .eval import compare, load_eval_windows
 
-    ebss = {k: v for k, v in {"width": a.ebss_width, "tau": a.ebss_tau}.items() if v is not None}
+    ebss = {k: v for k, v in {"width": a.ebss_width, "tau": a.ebss_tau, "batch_size": a.ebss_batch_size}.items()
+            if v is not None}
     cfg = QuantConfig(method=a.method, bits=a.bits, group_size=a.group_size, sym=not a.asym, mse_clip=a.mse_clip,
                       act_order=a.act_order, static_groups=a.static_groups, damp=a.damp, targets=tuple(a.targets),
                       calibration=a.calibration, empty_expert=a.empty_expert, affinity_power=a.affinity_power,
@@ -168,6 +169,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
     q.add_argument("--ebss-width", type=int, help="EBSS beam width (paper: 4)")
     q.add_argument("--ebss-tau", type=float, help="EBSS balance temperature (paper: 1.2)")
+    q.add_argument("--ebss-batch-size", type=int, help="EBSS sequences generated together (default 32)")
     q.add_argument("--rotate", choices=["hadamard"], help="offline Hadamard rotation before quantizing")
     q.add_argument("--batch-size", type=int, default=8)
     q.add_argument("--seed", type=int, default=0)
