@@ -1,9 +1,11 @@
 """The layer-by-layer pipeline end to end on tiny models of all six architectures."""
+import json
 import logging
 
 import pytest
 import torch
 import transformers as T
+from safetensors.torch import load_file
 
 import moequant
 from conftest import clone_model, make_tiny
@@ -139,3 +141,15 @@ def test_unsupported_architecture_names_the_supported_ones():
 def test_group_size_not_dividing_fails_before_work():
     with pytest.raises(ValueError, match="does not divide"):
         moequant.quantize(make_tiny("mixtral"), method="rtn", group_size=48)
+
+
+def test_moequant_method_runs_ebss_then_agq(model_type, tmp_path):
+    """--method moequant = EBSS calibration (self-generated, no text) + AGQ, end to end, checkpoint included."""
+    q = make_tiny(model_type)
+    res = moequant.quantize(q, method="moequant", bits=4, group_size=32, num_samples=3, seq_len=12,
+                            ebss={"width": 2, "tau": 1.2}, progress=False, output_dir=str(tmp_path / "o"))
+    assert res.calibration["source"] == "ebss" and res.calibration["config"]["width"] == 2
+    qc = json.load(open(tmp_path / "o" / "config.json"))["quantization_config"]
+    assert qc["method"] == "moequant" and qc["calibration"]["source"] == "ebss"
+    tokens = load_file(str(tmp_path / "o" / "calibration.safetensors"))["input_ids"]
+    assert tokens.shape == (3, 12)
