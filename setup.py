@@ -45,11 +45,12 @@ setup(
     version="0.1.0",
     description="MoEQuant (EBSS + AGQ) post-training quantization and fused 4-bit kernels for MoE LLMs",
     python_requires=">=3.10",
-    packages=["moequant", "moequant.quant", "moequant.calib", "moequant.models", "moequant.nn", "moequant.kernels"],
+    packages=["moequant", "moequant.quant", "moequant.calib", "moequant.models", "moequant.nn", "moequant.data",
+              "moequant.kernels"],
     # kernels/ is installed as moequant.kernels: a top-level `kernels` module would shadow
     # Hugging Face's `kernels` package, which transformers imports when present.
     package_dir={"moequant": "moequant", "moequant.kernels": "kernels"},
-    package_data={"moequant": ["data/*.txt", "data/**/*"]},
+    package_data={"moequant.data": ["*.txt"]},
     ext_modules=extension(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     install_requires=[

@@ -133,7 +133,7 @@ def cmd_export(a) -> int:
 
     if a.format != "gptq":
         raise CLIError(f"export format {a.format!r} is not supported (gptq)")
-    export_gptq(a.checkpoint, a.out)
+    export_gptq(a.checkpoint, a.out, overwrite=a.overwrite)
     print(f"exported {a.checkpoint} -> {a.out} (GPTQ format)")
     return 0
 
@@ -199,6 +199,7 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("checkpoint")
     x.add_argument("--format", default="gptq")
     x.add_argument("--out", required=True)
+    x.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     x.set_defaults(func=cmd_export)
 
     b = sub.add_parser("bench", help="where the GPU benchmarks are")

@@ -21,7 +21,8 @@ def read_text(path: str | None) -> str:
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    # verbose=False: a long text is meant to exceed model_max_length here; it is cut into windows afterwards
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 
 
