@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# One device run for moequant._C: build (sm_80 + sm_90), GPU tests, ctest, compute-sanitizer
+# memcheck, benchmarks. Logs and JSON go to $OUT (default ./out). Run from the repo root:
+#   bash benchmarks/gpu_csrc.sh            (STEPS="build test ctest sanitize bench" to choose)
+set -u -o pipefail
+OUT=${OUT:-./out}
+mkdir -p "$OUT"
+STEPS=${STEPS:-"build test ctest sanitize bench"}
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+# The device image presets TORCH_CUDA_ARCH_LIST=9.0a; we want sm_80 and sm_90 (MOEQUANT_ARCHS overrides).
+export TORCH_CUDA_ARCH_LIST=${MOEQUANT_ARCHS:-"8.0;9.0"} MAX_JOBS=${MAX_JOBS:-16}
+PY=${PY:-python3}
+declare -A RC
+has() { [[ " $STEPS " == *" $1 "* ]]; }
+t0=$SECONDS
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/env.log"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$OUT/env.log"
+nvcc --version | tail -1 | tee -a "$OUT/env.log"
+
+if has build; then
+  # ctest build in the background while the extension compiles
+  (cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="80;90" >"$OUT/ctest.log" 2>&1 &&
+     cmake --build build/cmake -j 4 >>"$OUT/ctest.log" 2>&1; echo "cmake build rc=$?" >>"$OUT/ctest.log") &
+  CMAKE_PID=$!
+  $PY setup.py build_ext --inplace 2>&1 | tee "$OUT/build.log" | grep -E "moequant:|error|warning" | head -40
+  RC[build]=$?
+  ls -la moequant/_C*.so | tee -a "$OUT/build.log"
+  cuobjdump --list-elf moequant/_C*.so 2>&1 | tee -a "$OUT/build.log" | grep -o "sm_[0-9]*" | sort | uniq -c
+  $PY -c "import moequant.ops as o; assert o.cuda_available(), 'moequant._C has no CUDA'; print('moequant._C WITH_CUDA ok')" || RC[build]=1
+  wait $CMAKE_PID
+  echo "build done at $((SECONDS - t0)) s"
+fi
+
+if has test; then
+  $PY -m pytest -q tests/test_csrc_dequant.py tests/test_csrc_moe_decode.py -k "not bad_input" 2>&1 | tee "$OUT/tests.log" | tail -15
+  RC[test]=$?
+  # the error-path tests apart: a crash there must not hide the others
+  $PY -m pytest -q tests/test_csrc_dequant.py tests/test_csrc_moe_decode.py -k "bad_input" 2>&1 | tee -a "$OUT/tests.log" | tail -4
+  RC[test_errors]=$?
+  if [ "${RC[test_errors]}" != 0 ]; then
+    which -a g++ c++ | tee -a "$OUT/tests.log"; g++ --version | head -1 | tee -a "$OUT/tests.log"
+    cuda-gdb -batch -ex run -ex bt --args $PY -c "
+import torch, moequant.ops
+q = torch.zeros(4, 8, dtype=torch.float32); s = torch.ones(1, 8)
+torch.ops.moequant.dequantize(q, s, None, None, 4, -1, torch.bfloat16)" 2>&1 | grep -vE "^\[New Thread|^\[Thread" | tail -25 | tee -a "$OUT/tests.log"
+  fi
+  echo "tests done at $((SECONDS - t0)) s"
+fi
+
+if has ctest; then
+  ctest --test-dir build/cmake --output-on-failure 2>&1 | tee -a "$OUT/ctest.log" | tail -8
+  RC[ctest]=$?
+  build/cmake/test_kernels_cuda 2>&1 | tail -20 | tee -a "$OUT/ctest.log"
+  if [ "${RC[ctest]}" != 0 ]; then
+    cuda-gdb -batch -ex run -ex bt build/cmake/test_kernels_cuda 2>&1 | grep -vE "^\[New Thread|^\[Thread" | tail -20 | tee -a "$OUT/ctest.log"
+  fi
+fi
+
+if has sanitize; then
+  {
+    echo "== memcheck: standalone kernel tests"
+    compute-sanitizer --tool memcheck --error-exitcode 9 build/cmake/test_kernels_cuda 2>&1 | tail -6
+    echo "rc=$?"
+    echo "== memcheck: pytest GPU subset"
+    compute-sanitizer --tool memcheck --error-exitcode 9 $PY -m pytest -q -x tests/test_csrc_moe_decode.py tests/test_csrc_dequant.py \
+      -k "cuda and (M1-E8 or M3-E8 or M12 or many_tokens or b1-40x128 or b0-64x256-int4-g64 or int3-g32 or large_stack)" 2>&1 | tail -8
+    echo "rc=$?"
+    echo "== racecheck: standalone kernel tests"
+    compute-sanitizer --tool racecheck --error-exitcode 9 build/cmake/test_kernels_cuda 2>&1 | tail -4
+    echo "rc=$?"
+  } 2>&1 | tee "$OUT/sanitizer.log"
+  RC[sanitize]=$(grep -c "^rc=[1-9]" "$OUT/sanitizer.log")
+  echo "sanitizer done at $((SECONDS - t0)) s"
+fi
+
+if has bench; then
+  $PY benchmarks/bench_dequant.py --json "$OUT/bench_dequant.json" 2>&1 | tee "$OUT/bench.log" | tail -20
+  $PY benchmarks/bench_decode_moe.py --json "$OUT/bench_decode.json" 2>&1 | tee -a "$OUT/bench.log" | grep -E "^\||device|fail|Error|not available"
+  RC[bench]=$?
+fi
+
+echo "== summary ($((SECONDS - t0)) s)"
+for k in "${!RC[@]}"; do echo "$k rc=${RC[$k]}"; done
