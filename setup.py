@@ -12,8 +12,12 @@ import os
 
 from setuptools import setup
 
-import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError as e:  # an isolated build env, or torch not installed yet
+    raise SystemExit("moequant builds against an installed torch: `pip install torch==2.13.0` (CPU) or a CUDA "
+                     "build first, then `pip install --no-build-isolation -e .`") from e
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
