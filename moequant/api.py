@@ -14,6 +14,7 @@ from .calib.text import text_calibration
 from .config import QuantConfig
 from .models.adapter import get_adapter
 from .packing import dequantize
+from .distributed import Sharding
 from .pipeline import QuantizationResult, capture_layer_inputs, quantize_model, _layer_out
 
 log = logging.getLogger("moequant")
@@ -73,13 +74,17 @@ def load_layer_shards_into(model, layer_ids, path, index, qcfg):
 
 def quantize(model: nn.Module, config: QuantConfig | None = None, *, tokenizer=None, calib_tokens=None,
              output_dir: str | None = None, resume: bool = False, overwrite: bool = False, progress: bool = True,
-             **overrides) -> QuantizationResult:
+             sharding: Sharding | None = None, **overrides) -> QuantizationResult:
     """Quantize a supported HF MoE model in place (layer by layer) and optionally write the checkpoint.
 
     config: a QuantConfig (or keyword overrides of its fields). calib_tokens: LongTensor [N, L] to calibrate on
     instead of text / EBSS. output_dir: where the checkpoint goes; resume=True continues an interrupted run there.
+    sharding: this process's rank under torchrun (`moequant.distributed.init_from_env()`): experts are split across
+    ranks, rank 0 makes the calibration tokens and writes the checkpoint; the result is bit-identical to one process.
     """
     cfg = config or QuantConfig(**overrides)
+    sharding = sharding or Sharding()
+    lead = sharding.rank == 0
     adapter = get_adapter(model)  # raises for unsupported architectures, naming the supported ones
     for _, b in adapter.moe_blocks():
         for p in (b.experts.gate_up_proj, b.experts.down_proj):
@@ -104,12 +109,18 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, tokenizer=N
             tokens, calib = None, {"source": "none (rtn)"}
         elif calib_tokens is not None:
             tokens, calib = calib_tokens.long(), {"source": "tokens", "shape": list(calib_tokens.shape)}
-        else:
+        elif lead:
             tokens, calib = calibration_tokens(model, cfg, tokenizer, progress)
-        if output_dir is not None:
+        else:
+            tokens, calib = None, {}
+        if sharding.distributed and cfg.method != "rtn":  # every rank calibrates on rank 0's tokens
+            tokens = sharding.broadcast_tensor(tokens if lead else None)
+            calib = sharding.all_gather_object(calib)[0]
+        if output_dir is not None and lead:
             _fresh_output(output_dir, overwrite)
             if tokens is not None:
                 ck.write_tensors(os.path.join(output_dir, CALIBRATION), {"input_ids": tokens})
+        sharding.barrier()
 
     if start > 0 and tokens is not None:  # resume: replay the finished (quantized) layers to get layer `start` inputs
         device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -120,14 +131,15 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, tokenizer=N
                 inputs = [(_layer_out(layer(h, **kw)), kw) for h, kw in inputs]
                 layer.to("cpu")
 
-    writer = None if output_dir is None else _LayerWriter(model, output_dir, cfg, calib, prior_layers)
+    writer = None if output_dir is None or not lead else _LayerWriter(model, output_dir, cfg, calib, prior_layers)
     result = quantize_model(model, cfg, tokens, progress=progress, start_layer=start, layer_inputs=inputs,
-                            on_layer_done=writer)
+                            on_layer_done=writer, sharding=sharding)
     result.packed = {**prior_packed, **result.packed}
     result.layers = prior_layers + result.layers
     result.calibration = calib
-    if output_dir is not None:
+    if output_dir is not None and lead:
         save(result, output_dir, tokenizer=tokenizer)
+    sharding.barrier()
     return result
 
 

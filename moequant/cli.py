@@ -60,15 +60,23 @@ def cmd_quantize(a) -> int:
                       act_order=a.act_order, static_groups=a.static_groups, damp=a.damp, targets=tuple(a.targets),
                       calibration=a.calibration, empty_expert=a.empty_expert, affinity_power=a.affinity_power,
                       num_samples=a.num_samples, seq_len=a.seq_len, calib_file=a.calib_file,
-                      batch_size=a.batch_size, seed=a.seed, device=a.device, rotate=a.rotate, ebss=ebss)
+                      batch_size=a.batch_size, seed=a.seed, device=a.device, rotate=a.rotate, ebss=ebss,
+                      offload_activations=a.offload_activations, expert_chunk=a.expert_chunk,
+                      memory_check=not a.no_memory_check, gptq_backend=a.gptq_backend)
     if a.calib_file and not os.path.isfile(a.calib_file):
         raise CLIError(f"calibration file {a.calib_file!r} not found")
+    from .distributed import init_from_env
+
+    sharding = init_from_env()  # under torchrun: this rank's share of the experts; otherwise one process
+    lead = sharding.rank == 0
+    if sharding.distributed and cfg.device in (None, "cuda") and torch.cuda.is_available():
+        cfg.device = f"cuda:{torch.cuda.current_device()}"
     model, tok = load_hf_model(a.model, a.dtype)
     if a.tokenizer:
         tok = load_tokenizer(a.tokenizer)
     out = a.out or os.path.join("out", os.path.basename(os.path.normpath(a.model)) + f"-{a.method}-w{a.bits}")
     windows = None
-    if not a.no_eval:
+    if not a.no_eval and lead:
         if tok is None:
             raise CLIError("evaluation needs a tokenizer (the model folder has none): pass --tokenizer or --no-eval")
         ctx = min(a.eval_ctx, int(getattr(model.config, "max_position_embeddings", a.eval_ctx)))
@@ -76,8 +84,10 @@ def cmd_quantize(a) -> int:
         ref = copy.deepcopy(model)
     t0 = time.perf_counter()
     result = quantize(model, cfg, tokenizer=tok, output_dir=out, resume=a.resume, overwrite=a.overwrite,
-                      progress=not a.quiet)
+                      progress=not a.quiet, sharding=sharding)
     seconds = time.perf_counter() - t0
+    if not lead:
+        return 0
     print(f"\nquantized {a.model} with {a.method} W{a.bits} g{a.group_size} in {seconds:.1f} s -> {out}")
     t = result.times()
     print("time split (s): " + ", ".join(f"{k} {v:.2f}" for k, v in t.items()))
@@ -172,6 +182,11 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--ebss-batch-size", type=int, help="EBSS sequences generated together (default 32)")
     q.add_argument("--rotate", choices=["hadamard"], help="offline Hadamard rotation before quantizing")
     q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--offload-activations", default="auto", choices=["auto", "on", "off"],
+                   help="keep calibration activations in pinned CPU memory (auto: when they do not fit the GPU)")
+    q.add_argument("--expert-chunk", type=int, default=0, help="experts solved together (0: automatic)")
+    q.add_argument("--no-memory-check", action="store_true", help="skip the up-front GPU memory check")
+    q.add_argument("--gptq-backend", default="auto", choices=["auto", "torch", "triton"])
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     q.add_argument("--dtype", default="auto", choices=list(DTYPES))

@@ -38,6 +38,12 @@ class QuantConfig:
     rotate_seed: int = 0
     hessian_backend: str = "auto"  # auto (Triton on CUDA, torch on CPU) | torch | triton
     ebss: dict = field(default_factory=dict)  # EBSS parameters for method=moequant (see moequant.calib.ebss)
+    # scale (pipeline.py, distributed.py)
+    offload_activations: str = "auto"  # on: calibration hidden states in pinned CPU memory, streamed to the GPU per
+    #                                    batch; off: on the GPU; auto: on the GPU when the memory estimate fits
+    expert_chunk: int = 0  # experts per batched GPTQ solve (0: all of a block; ceil(E / ranks) under torchrun)
+    memory_check: bool = True  # estimate every layer's GPU memory up front; fail before any work if it cannot fit
+    gptq_backend: str = "auto"  # auto (Triton inner loop on CUDA where it applies, else torch) | torch | triton
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -64,6 +70,12 @@ class QuantConfig:
             raise ValueError(f"rotate must be None or 'hadamard', got {self.rotate!r}")
         if self.hessian_backend not in ("auto", "torch", "triton"):
             raise ValueError("hessian_backend must be auto, torch or triton")
+        if self.offload_activations not in ("auto", "on", "off"):
+            raise ValueError(f"offload_activations must be auto, on or off, got {self.offload_activations!r}")
+        if not isinstance(self.expert_chunk, int) or self.expert_chunk < 0:
+            raise ValueError(f"expert_chunk must be an integer >= 0 (0: automatic), got {self.expert_chunk!r}")
+        if self.gptq_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"gptq_backend must be auto, torch or triton, got {self.gptq_backend!r}")
 
     @property
     def spec(self) -> QuantSpec:

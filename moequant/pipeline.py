@@ -1,18 +1,31 @@
-"""Layer-by-layer quantization: capture → Hessians → solve → write back → next layer.
+"""Layer-by-layer quantization: capture → Hessians → solve → write back → re-run → next layer.
 
-Only the current decoder layer and its inputs live on the accelerator. For each layer:
-  1 capture   run the layer on its inputs with hooks that accumulate, per linear, the Hessian its solve needs;
-              for MoE blocks a pre-hook on the fused experts sees (hidden, top_k_index, top_k_weights) — the
-              affinities the model itself applies — and accumulates per-expert Hessians of gate_up and down inputs
-  2 solve     GPTQ batched over the experts of a block (and per dense linear); RTN for method=rtn
-  3 commit    write the dequantized weights back, so that
-  4 re-run    the layer on the same inputs gives the next layer quantized inputs; then persist the layer
+Only the current decoder layer and its calibration inputs live on the accelerator (the inputs may instead stay in
+pinned CPU memory and stream over batch by batch: `offload_activations`). For each layer:
+  load      move the layer to the accelerator
+  capture   run the layer on its inputs with hooks that accumulate, per linear, the Hessian its solve needs;
+  hessian   (timed inside capture) for MoE blocks a pre-hook on the fused experts sees (hidden, top_k_index,
+            top_k_weights) — the affinities the model itself applies — and accumulates per-expert Hessians of the
+            gate_up and down inputs (one kernel per batch on CUDA)
+  solve     GPTQ batched over a chunk of experts (and per dense linear); RTN for method=rtn
+  write     write the dequantized packed weights back into the layer (and, across ranks, exchange them first), then
+            persist the layer: its packed weights to the CPU / the checkpoint (the resume point)
+  rerun     run the quantized layer on the same inputs: the next layer's inputs see quantized weights
+Each stage's seconds, the layer's peak GPU memory and the up-front estimate of it go into the layer's metadata; the
+split is printed at the end of the run.
+
+Across processes (`moequant.distributed`) each rank accumulates and solves its own share of the layer's units
+(expert chunks, dense linears) and the results are exchanged before the write-back; the one-process run is the
+same code with one rank.
 """
 from __future__ import annotations
 
 import logging
+import math
+import sys
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -20,23 +33,30 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import QuantConfig
+from .distributed import Sharding
 from .models.adapter import ModelAdapter, MoEBlock, get_adapter
-from .packing import PackedWeight
-from .quant.gptq import gptq_quantize
+from .packing import PackedWeight, dequantize
+from .quant.gptq import gptq_quantize, gptq_workspace_bytes
 from .quant.hessian import dense_hessian_, expert_hessians
 from .quant.quantizer import rtn, to_packed
 
 log = logging.getLogger("moequant")
 
-STAGES = ("capture", "solve", "write", "rerun")
+STAGES = ("load", "capture", "hessian", "solve", "write", "rerun")
+LINEAR_TARGETS = ("attn", "dense", "shared", "router")
+GiB = 1 << 30
+
+
+class InsufficientGPUMemoryError(MemoryError):
+    pass
 
 
 @dataclass
 class QuantizationResult:
     model: nn.Module  # the model, weights replaced in place by their quantized values
-    packed: dict[str, PackedWeight]  # parameter path (without .weight) -> packed weight
+    packed: dict[str, PackedWeight]  # parameter path (without .weight) -> packed weight (on CPU)
     config: QuantConfig
-    layers: list[dict] = field(default_factory=list)  # per-layer metadata: times, token counts, decisions
+    layers: list[dict] = field(default_factory=list)  # per-layer metadata: times, token counts, decisions, memory
     calibration: dict = field(default_factory=dict)
 
     def times(self) -> dict[str, float]:
@@ -47,17 +67,51 @@ class QuantizationResult:
         return dict(tot)
 
 
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+def _is_cuda(device) -> bool:
+    return torch.device(device).type == "cuda"
 
+
+def _sync(device):
+    if _is_cuda(device):
+        torch.cuda.synchronize(device)
+
+
+class _StageClock:
+    """Wall seconds per stage; synchronises the GPU at each boundary so that work lands in the stage that queued it."""
+
+    def __init__(self, device):
+        self.device = device
+        self.times = dict.fromkeys(STAGES, 0.0)
+
+    @contextmanager
+    def __call__(self, stage: str):
+        _sync(self.device)
+        t0 = time.perf_counter()
+        yield
+        _sync(self.device)
+        self.times[stage] += time.perf_counter() - t0
+
+
+# -- calibration inputs -------------------------------------------------------------------------------------------
 
 class _StopForward(Exception):
     pass
 
 
-def capture_layer_inputs(adapter: ModelAdapter, batches, device) -> list[tuple[torch.Tensor, dict]]:
-    """Run the model up to its first decoder layer; return (hidden_states, layer kwargs) per batch."""
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A pinned CPU copy (pinned, so the copies to and from the GPU are asynchronous DMA)."""
+    if not t.is_cuda:
+        return t
+    dst = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    dst.copy_(t, non_blocking=True)
+    return dst
+
+
+def capture_layer_inputs(adapter: ModelAdapter, batches, device, offload: bool = False) -> list[tuple[torch.Tensor, dict]]:
+    """Run the model up to its first decoder layer; return (hidden_states, layer kwargs) per batch.
+
+    offload: keep the hidden states in pinned CPU memory (the kwargs — position embeddings, masks — stay on device).
+    """
     backbone = adapter.backbone
     for name, child in backbone.named_children():
         if name != "layers":
@@ -66,7 +120,8 @@ def capture_layer_inputs(adapter: ModelAdapter, batches, device) -> list[tuple[t
 
     def grab(_mod, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        captured.append((_to_host(hidden) if offload else hidden,
+                         {k: v for k, v in kwargs.items() if k != "hidden_states"}))
         raise _StopForward
 
     handle = adapter.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
@@ -79,12 +134,62 @@ def capture_layer_inputs(adapter: ModelAdapter, batches, device) -> list[tuple[t
                     pass
     finally:
         handle.remove()
+    _sync(device)
     return captured
+
+
+class LayerInputs:
+    """The calibration hidden states entering the current layer, one tensor per batch.
+
+    On the accelerator, or (offload) in pinned CPU memory, copied over one batch at a time as the layer runs.
+    """
+
+    def __init__(self, batches: list[tuple[torch.Tensor, dict]], device, offload: bool):
+        self.device, self.offload = torch.device(device), offload
+        self.batches = [(self._keep(h), kw) for h, kw in batches]
+
+    def _keep(self, h):
+        return _to_host(h) if self.offload else h.to(self.device)
+
+    def __iter__(self):
+        for h, kw in self.batches:
+            yield h.to(self.device, non_blocking=True), kw
+
+    def __len__(self):
+        return len(self.batches)
+
+    def advance(self, layer: nn.Module) -> None:
+        """Replace every batch by the layer's output on it (the next layer's inputs)."""
+        self.batches = [(self._keep(_layer_out(layer(h, **kw))), kw) for h, kw in self]
 
 
 def _layer_out(out):
     return out[0] if isinstance(out, tuple) else out
 
+
+class _OnDevice:
+    """A module's tensors moved to the accelerator, and later copied back into the CPU memory they came from.
+
+    Copying into memory that is already paged in avoids allocating (and faulting in) a fresh copy of the layer on
+    every return trip, the slow part of `module.to("cpu")` (measured ~1 GB/s for a fresh copy on the H100 host).
+    """
+
+    def __init__(self, module: nn.Module, device):
+        self.saved = []
+        if torch.device(device).type == "cpu":
+            return
+        for t in list(module.parameters()) + list(module.buffers()):
+            self.saved.append((t, t.data))
+            t.data = t.data.to(device)
+
+    def back(self):
+        for t, cpu in self.saved:
+            cpu.copy_(t.data)
+            t.data = cpu
+        self.saved = []
+
+
+# -- capture: Hessians from hooks ---------------------------------------------------------------------------------
 
 def _experts_args(args, kwargs):
     names = ("hidden_states", "top_k_index", "top_k_weights")
@@ -95,30 +200,71 @@ def _experts_args(args, kwargs):
 def expert_intermediates(experts: nn.Module, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor | None):
     """down_proj inputs act(x W_gate_j) ⊙ (x W_up_j) for every (token, routed expert) pair.
 
-    Returns rows [N, I], their expert ids [N, 1] and weights [N, 1] (or None), pairing each row with the affinity
-    of the same (token, expert): MOEQUANT.md warns that mixing orders here is an easy bug.
+    Returns rows [N, I], their expert ids [N, 1] and weights [N, 1] (or None), grouped by expert and in (token, slot)
+    order inside an expert, pairing each row with the affinity of the same (token, expert): MOEQUANT.md warns that
+    mixing orders here is an easy bug. On CUDA one grouped GEMM over all experts (empty groups cost nothing);
+    on CPU one matrix product per expert.
     """
     I = experts.down_proj.shape[-1]
-    rows, rid, rw = [], [], []
-    for j in torch.unique(ids).tolist():
-        t, s = torch.nonzero(ids == j, as_tuple=True)
-        gu = nn.functional.linear(x[t], experts.gate_up_proj[j])
-        rows.append(experts.act_fn(gu[:, :I]) * gu[:, I:])
-        rid.append(torch.full_like(t, j))
-        if weights is not None:
-            rw.append(weights[t, s])
-    rows = torch.cat(rows)
-    return rows, torch.cat(rid).unsqueeze(1), (torch.cat(rw).unsqueeze(1) if weights is not None else None)
+    W = experts.gate_up_proj  # [E, 2I, H]
+    E = W.shape[0]
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # pairs grouped by expert, (token, slot) order kept inside
+    xs = x[order // ids.shape[1]]
+    counts = torch.bincount(flat, minlength=E)
+    grouped = getattr(nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+    if x.is_cuda and grouped is not None and x.dtype == W.dtype == torch.bfloat16:
+        gu = grouped(xs, W.transpose(-2, -1), offs=torch.cumsum(counts, 0, dtype=torch.int32))
+    else:
+        gu = torch.empty(xs.shape[0], W.shape[1], dtype=x.dtype, device=x.device)
+        start = 0
+        for j, n in enumerate(counts.tolist()):
+            if n:
+                gu[start:start + n] = nn.functional.linear(xs[start:start + n], W[j])
+                start += n
+    rows = experts.act_fn(gu[:, :I]) * gu[:, I:]
+    rw = None if weights is None else weights.reshape(-1)[order].unsqueeze(1)
+    return rows, flat[order].unsqueeze(1), rw
+
+
+def _dense_hessian(H: torch.Tensor, x: torch.Tensor, c: torch.Tensor | None, backend: str) -> None:
+    """H += Σ_t c_t x_t x_tᵀ. On CUDA through the expert-Hessian kernel as one expert (bf16 tensor cores, fp32 sums,
+    upper triangle only); the product of two bf16 numbers is exact in fp32, so only the summation order differs."""
+    x = x.reshape(-1, x.shape[-1])
+    if backend == "triton" or (backend == "auto" and x.is_cuda):
+        ids = torch.zeros(x.shape[0], 1, dtype=torch.int64, device=x.device)
+        w = None if c is None else c.reshape(-1, 1).float()
+        expert_hessians(x, ids, w, 1, H.unsqueeze(0), torch.zeros(1, dtype=torch.int64, device=x.device),
+                        backend=backend)
+    else:
+        dense_hessian_(H, x, c)
+
+
+def _scaled_rows(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """Rows x_i·√c_i (MOEQUANT.md), so that Σ c_i x_i x_iᵀ is a Gram matrix of the rows actually summed: positive
+    semi-definite whatever the rounding. Weighting one operand only (Σ round(c_i x_i) x_iᵀ) is not, and a Hessian
+    dominated by a few large directions (outlier features) then turns indefinite at λ = 1% (measured on the H100:
+    44 of 12288 Qwen3-30B-A3B-shaped expert Hessians had to have their damping raised)."""
+    if w is None:
+        return x
+    return (x.float() * w.float().sqrt()).to(x.dtype)
 
 
 class LayerCollector:
-    """Hooks on one decoder layer that accumulate every Hessian its quantization needs."""
+    """Hooks on one decoder layer that accumulate every Hessian its quantization needs.
 
-    def __init__(self, layer: nn.Module, adapter: ModelAdapter, cfg: QuantConfig, device):
+    owned_experts / owned_linears: the share of one rank (default: everything). The Hessians of owned experts are
+    stored in ascending expert order: H_gate_up[local], local = position in `owned_experts`.
+    """
+
+    def __init__(self, layer: nn.Module, adapter: ModelAdapter, cfg: QuantConfig, device,
+                 owned_experts: list[int] | None = None, owned_linears: set[str] | None = None):
         self.cfg = cfg
+        self.device = device
         self.block: MoEBlock | None = adapter.moe_block(layer)
-        kinds = [k for k in ("attn", "dense", "shared", "router") if k in cfg.targets]
-        self.linears = adapter.linears(layer, kinds)
+        kinds = [k for k in LINEAR_TARGETS if k in cfg.targets]
+        self.linears = {n: v for n, v in adapter.linears(layer, kinds).items()
+                        if owned_linears is None or n in owned_linears}
         self.dense_H = {n: torch.zeros(m.weight.shape[1], m.weight.shape[1], device=device) for n, (m, _) in
                         self.linears.items()}
         self.dense_n = defaultdict(int)
@@ -127,10 +273,17 @@ class LayerCollector:
         self.hessian_seconds = 0.0
         if self.block is not None and "experts" in cfg.targets:
             E, H, I = self.block.num_experts, self.block.experts.gate_up_proj.shape[-1], self.block.intermediate_size
-            self.H_gate_up = torch.zeros(E, H, H, device=device)
-            self.H_down = torch.zeros(E, I, I, device=device)
-            self.n_gate_up = torch.zeros(E, dtype=torch.int64, device=device)
-            self.n_down = torch.zeros(E, dtype=torch.int64, device=device)
+            self.owned = list(range(E)) if owned_experts is None else sorted(owned_experts)
+            self.local_of = None  # global -> local expert index, only when this rank owns a part
+            if len(self.owned) < E:
+                self.local_of = torch.full((E,), -1, dtype=torch.int64, device=device)
+                self.local_of[self.owned] = torch.arange(len(self.owned), device=device)
+            n = len(self.owned)
+            self.H_gate_up = torch.zeros(n, H, H, device=device)
+            self.H_down = torch.zeros(n, I, I, device=device)
+            self.n_gate_up = torch.zeros(n, dtype=torch.int64, device=device)
+            self.n_down = torch.zeros(n, dtype=torch.int64, device=device)
+            self.tokens_per_expert = torch.zeros(E, dtype=torch.int64, device=device)  # all experts, on every rank
             self.handles.append(self.block.experts.register_forward_pre_hook(self._experts_hook, with_kwargs=True))
         weight_shared = (self.block is not None and self.block.shared_gate is not None and cfg.shared_affinity
                          and cfg.affinity_weighted)
@@ -140,36 +293,49 @@ class LayerCollector:
             use_c = weight_shared and kind == "shared"
             self.handles.append(mod.register_forward_pre_hook(self._dense_hook(name, use_c)))
 
+    @contextmanager
+    def _timed(self):
+        _sync(self.device)
+        t0 = time.perf_counter()
+        yield
+        _sync(self.device)
+        self.hessian_seconds += time.perf_counter() - t0
+
     def _block_hook(self, _mod, args):
         x = args[0]
         self._shared_c = torch.sigmoid(self.block.shared_gate(x.reshape(-1, x.shape[-1]))).reshape(-1)
 
     def _dense_hook(self, name, use_c):
         def hook(_mod, args):
-            t0 = time.perf_counter()
-            x = args[0]
-            dense_hessian_(self.dense_H[name], x, self._shared_c if use_c else None)
-            self.dense_n[name] += x.numel() // x.shape[-1]
-            self.hessian_seconds += time.perf_counter() - t0
+            with self._timed():
+                x = args[0]
+                _dense_hessian(self.dense_H[name], x, self._shared_c if use_c else None, self.cfg.hessian_backend)
+                self.dense_n[name] += x.numel() // x.shape[-1]
         return hook
 
     def _experts_hook(self, mod, args, kwargs):
-        t0 = time.perf_counter()
-        x, ids, w = _experts_args(args, kwargs)
-        x = x.reshape(-1, x.shape[-1])
-        E = self.block.num_experts
-        if self.cfg.calibration == "all-experts":
-            ids = torch.arange(E, device=x.device).expand(x.shape[0], E)
-            w = None
-        elif self.cfg.affinity_weighted:
-            w = w.float() ** self.cfg.affinity_power  # AGQ, Eq. 19: H_j = Σ_i c_ij x_i x_iᵀ
-        else:
-            w = None  # GPTQ: every routed token counts once
-        backend = self.cfg.hessian_backend
-        expert_hessians(x, ids, w, E, self.H_gate_up, self.n_gate_up, backend=backend)
-        rows, rid, rw = expert_intermediates(mod, x, ids, w)
-        expert_hessians(rows, rid, rw, E, self.H_down, self.n_down, backend=backend)
-        self.hessian_seconds += time.perf_counter() - t0
+        with self._timed():
+            x, ids, w = _experts_args(args, kwargs)
+            x = x.reshape(-1, x.shape[-1])
+            E = self.block.num_experts
+            if self.cfg.calibration == "all-experts":
+                ids = torch.arange(E, device=x.device).expand(x.shape[0], E)
+                w = None
+            elif self.cfg.affinity_weighted:
+                w = w.float() ** self.cfg.affinity_power  # AGQ, Eq. 19: H_j = Σ_i c_ij x_i x_iᵀ
+            else:
+                w = None  # GPTQ: every routed token counts once
+            self.tokens_per_expert += torch.bincount(ids.reshape(-1), minlength=E)
+            if self.local_of is not None or w is not None:  # one row per (token, expert) pair, in (token, slot) order
+                keep = torch.ones_like(ids, dtype=torch.bool) if self.local_of is None else self.local_of[ids] >= 0
+                t, s = torch.nonzero(keep, as_tuple=True)  # this rank's pairs only, when it owns a part
+                x, ids, w = x[t], ids[t, s].unsqueeze(1), (None if w is None else w[t, s].unsqueeze(1))
+            local = (lambda i: i) if self.local_of is None else (lambda i: self.local_of[i])
+            n = len(self.owned)
+            backend = self.cfg.hessian_backend
+            expert_hessians(_scaled_rows(x, w), local(ids), None, n, self.H_gate_up, self.n_gate_up, backend=backend)
+            rows, rid, rw = expert_intermediates(mod, x, ids, w)
+            expert_hessians(_scaled_rows(rows, rw), local(rid), None, n, self.H_down, self.n_down, backend=backend)
 
     def remove(self):
         for h in self.handles:
@@ -177,30 +343,53 @@ class LayerCollector:
         self.handles = []
 
 
-def _solve(W: torch.Tensor, H: torch.Tensor | None, cfg: QuantConfig):
-    """Quantize W [B, R, C] with GPTQ (Hessians H [B, C, C]) or RTN (H None) -> (codes, scales, zeros, g_idx, W_hat)."""
-    spec = cfg.spec
-    dtype = W.dtype
-    if H is None:
-        codes, scales, zeros = rtn(W, spec, dtype)
-        from .packing import dequantize_codes
+# -- solve --------------------------------------------------------------------------------------------------------
 
-        w_hat = dequantize_codes(codes, scales, zeros, spec.group_of(W.shape[-1]), None, spec.bits, torch.float32)
-        return codes, scales, zeros, None, w_hat, []
-    r = gptq_quantize(W, H, spec, damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order,
-                      static_groups=cfg.static_groups, scale_dtype=dtype)
-    return r.codes, r.scales, r.zeros, r.g_idx, r.weight, r.notes
+@dataclass(frozen=True)
+class SolveUnit:
+    """One piece of a layer's solve, done by one rank: a dense linear, or experts [a, b) (gate_up and down)."""
+
+    index: int
+    linear: str | None = None  # name relative to the layer
+    experts: tuple[int, int] | None = None
+
+
+def expert_chunk_size(cfg: QuantConfig, num_experts: int, world_size: int = 1) -> int:
+    """Experts per batched GPTQ solve: `expert_chunk`, or ceil(E / world_size) (all of them in one process)."""
+    return min(num_experts, cfg.expert_chunk or math.ceil(num_experts / world_size))
+
+
+def solve_units(layer: nn.Module, adapter: ModelAdapter, cfg: QuantConfig, world_size: int = 1) -> list[SolveUnit]:
+    """The layer's units in a fixed order: expert chunks, then dense linears. Unit u belongs to rank u % world."""
+    units = []
+    block = adapter.moe_block(layer)
+    if block is not None and "experts" in cfg.targets:
+        E = block.num_experts
+        c = expert_chunk_size(cfg, E, world_size)
+        units += [SolveUnit(len(units) + k, experts=(a, min(a + c, E))) for k, a in enumerate(range(0, E, c))]
+    kinds = [k for k in LINEAR_TARGETS if k in cfg.targets]
+    units += [SolveUnit(len(units) + k, linear=n) for k, n in enumerate(adapter.linears(layer, kinds))]
+    return units
+
+
+def _solve(W: torch.Tensor, H: torch.Tensor | None, cfg: QuantConfig):
+    """Quantize W [B, R, C] with GPTQ (Hessians H [B, C, C]) or RTN (H None) -> (codes, scales, zeros, g_idx, notes)."""
+    if H is None:
+        codes, scales, zeros = rtn(W, cfg.spec, W.dtype)
+        return codes, scales, zeros, None, []
+    r = gptq_quantize(W, H, cfg.spec, damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order,
+                      static_groups=cfg.static_groups, scale_dtype=W.dtype, backend=cfg.gptq_backend)
+    return r.codes, r.scales, r.zeros, r.g_idx, r.notes
 
 
 def solve_experts(name: str, W: torch.Tensor, H: torch.Tensor | None, counts: torch.Tensor | None, cfg: QuantConfig):
-    """Quantize a stack of experts [E, R, C]; apply the empty-expert policy. Returns (packed, W_hat, record)."""
+    """Quantize a stack of experts [E, R, C]; apply the empty-expert policy. Returns (packed, record)."""
     E, R, C = W.shape
     record = {"empty_experts": [], "policy": None, "notes": []}
     if H is None:  # RTN
-        codes, scales, zeros, g_idx, w_hat, notes = _solve(W, None, cfg)
+        codes, scales, zeros, g_idx, _ = _solve(W, None, cfg)
     else:
         empty = torch.nonzero(counts == 0).flatten().tolist()
-        H = H.clone()
         if empty:
             record["empty_experts"], record["policy"] = empty, cfg.empty_expert
             msg = f"{name}: experts {empty} received no calibration tokens"
@@ -209,107 +398,358 @@ def solve_experts(name: str, W: torch.Tensor, H: torch.Tensor | None, counts: to
                                    f"--empty-expert rtn|identity")
             log.warning(f"{msg}; policy {cfg.empty_expert}")
             if cfg.empty_expert == "identity":
+                H = H.clone()
                 H[empty] = torch.eye(C, device=H.device)
-        codes, scales, zeros, g_idx, w_hat, notes = _solve(W, H, cfg)
+        codes, scales, zeros, g_idx, notes = _solve(W, H, cfg)
         if empty and cfg.empty_expert == "rtn":
-            c2, s2, z2, _, w2, _ = _solve(W[empty], None, cfg)
-            codes[empty], scales[empty], zeros[empty], w_hat[empty] = c2, s2, z2.to(zeros.dtype), w2.to(w_hat.dtype)
+            c2, s2, z2, _, _ = _solve(W[empty], None, cfg)
+            codes[empty], scales[empty], zeros[empty] = c2, s2, z2.to(zeros.dtype)
             if g_idx is not None:
                 g_idx[empty] = (torch.arange(C, device=W.device) // cfg.spec.group_of(C)).to(g_idx.dtype)
         record["notes"] = notes
-    return to_packed(codes, scales, zeros, cfg.spec, g_idx), w_hat, record
+    return to_packed(codes, scales, zeros, cfg.spec, g_idx), record
 
 
-def quantize_layer(layer: nn.Module, prefix: str, collector: LayerCollector | None, adapter: ModelAdapter,
-                   cfg: QuantConfig) -> tuple[dict[str, PackedWeight], dict]:
-    """Solve every target weight of one layer and write the quantized values back in place."""
-    packed, meta = {}, {"experts": {}, "linears": {}}
-    block = adapter.moe_block(layer)
-    kinds = [k for k in ("attn", "dense", "shared", "router") if k in cfg.targets]
+def solve_unit(layer: nn.Module, prefix: str, unit: SolveUnit, collector: LayerCollector | None,
+               adapter: ModelAdapter, cfg: QuantConfig) -> dict[str, tuple[PackedWeight, dict]]:
+    """GPTQ (or RTN) of one unit -> {name relative to the layer: (packed, record)}."""
+    gptq = cfg.method != "rtn"
+    out = {}
     with torch.no_grad():
-        for name, (mod, _kind) in adapter.linears(layer, kinds).items():
-            W = mod.weight.data
-            H = None if cfg.method == "rtn" else collector.dense_H[name].unsqueeze(0)
-            counts = None if H is None else torch.tensor([collector.dense_n[name]], device=W.device)
-            p, w_hat, rec = solve_experts(f"{prefix}.{name}", W.unsqueeze(0), H, counts, cfg)
-            mod.weight.data.copy_(w_hat[0].to(W.dtype))
-            packed[f"{prefix}.{name}"] = _unbatch(p)
-            meta["linears"][name] = {"tokens": 0 if counts is None else int(counts[0])} | _slim(rec)
-        if block is not None and "experts" in cfg.targets:
-            ex = block.experts
-            for pname, H, n in (("gate_up_proj", "H_gate_up", "n_gate_up"), ("down_proj", "H_down", "n_down")):
-                W = getattr(ex, pname).data
-                Hs = None if cfg.method == "rtn" else getattr(collector, H)
-                counts = None if cfg.method == "rtn" else getattr(collector, n)
-                p, w_hat, rec = solve_experts(f"{prefix}.mlp.experts.{pname}", W, Hs, counts, cfg)
-                W.copy_(w_hat.to(W.dtype))
-                packed[f"{prefix}.mlp.experts.{pname}"] = p
-                meta["experts"][pname] = _slim(rec) | (
-                    {"tokens_per_expert": counts.tolist()} if counts is not None else {})
+        if unit.linear is not None:
+            W = layer.get_submodule(unit.linear).weight.data
+            H = collector.dense_H[unit.linear].unsqueeze(0) if gptq else None
+            counts = torch.tensor([collector.dense_n[unit.linear]], device=W.device) if gptq else None
+            p, rec = solve_experts(f"{prefix}.{unit.linear}", W.unsqueeze(0), H, counts, cfg)
+            out[unit.linear] = (_unbatch(p), {"tokens": 0 if counts is None else int(counts[0])} | rec)
+            return out
+        a, b = unit.experts
+        ex = adapter.moe_block(layer).experts
+        la = collector.owned.index(a) if gptq else 0  # local position of expert a in this rank's Hessians
+        for pname, hname in (("gate_up_proj", "H_gate_up"), ("down_proj", "H_down")):
+            W = getattr(ex, pname).data[a:b]
+            H = getattr(collector, hname)[la:la + b - a] if gptq else None
+            counts = collector.tokens_per_expert[a:b] if gptq else None
+            p, rec = solve_experts(f"{prefix}.mlp.experts.{pname}[{a}:{b}]", W, H, counts, cfg)
+            rec["empty_experts"] = [a + j for j in rec["empty_experts"]]
+            if counts is not None:
+                rec["tokens_per_expert"] = counts.tolist()
+            out[f"mlp.experts.{pname}"] = (p, rec)
+    return out
+
+
+# -- write back ---------------------------------------------------------------------------------------------------
+
+def write_back(layer: nn.Module, prefix: str, units: list[SolveUnit], solved: dict[int, dict], adapter: ModelAdapter
+               ) -> tuple[dict[str, PackedWeight], dict]:
+    """Put the dequantized packed weights into the layer (what is in the model is exactly what was packed).
+
+    Returns the layer's packed weights by parameter path (expert chunks joined into one [E, ...] tensor each) and
+    its metadata.
+    """
+    packed, meta = {}, {"experts": {}, "linears": {}}
+    chunks = defaultdict(list)
+    with torch.no_grad():
+        for unit in sorted(units, key=lambda u: u.linear is None):  # linears first, then experts (stable order)
+            for name, (p, rec) in solved[unit.index].items():
+                if unit.linear is not None:
+                    W = layer.get_submodule(name).weight
+                    W.data.copy_(dequantize(p, W.dtype))
+                    packed[f"{prefix}.{name}"] = p
+                    meta["linears"][name] = {"tokens": rec["tokens"]} | _slim(
+                        {k: v for k, v in rec.items() if k != "tokens"})
+                    continue
+                a, _ = unit.experts
+                W = layer.get_parameter(name)
+                for j in range(p.qweight.shape[0]):  # one expert at a time: unpacking is int64-heavy
+                    W.data[a + j].copy_(dequantize(_index(p, j), W.dtype))
+                chunks[name].append((p, rec))
+    block = adapter.moe_block(layer)
+    for name, parts in chunks.items():
+        p = _concat([q for q, _ in parts])
+        recs = [r for _, r in parts]
+        rec = {"empty_experts": [e for r in recs for e in r["empty_experts"]],
+               "policy": next((r["policy"] for r in recs if r["policy"]), None),
+               "notes": [n for r in recs for n in r["notes"]]}
+        out = _slim(rec)
+        if "tokens_per_expert" in recs[0]:
+            out["tokens_per_expert"] = [t for r in recs for t in r["tokens_per_expert"]]
+        packed[f"{prefix}.{name}"] = p
+        meta["experts"][name.rsplit(".", 1)[-1]] = out
+    assert block is not None or not chunks
     return packed, meta
 
 
+def _index(p: PackedWeight, j: int) -> PackedWeight:
+    ix = lambda t: None if t is None else t[j]
+    return PackedWeight(p.qweight[j], p.scales[j], ix(p.qzeros), ix(p.g_idx), p.bits, p.group_size)
+
+
+def _concat(parts: list[PackedWeight]) -> PackedWeight:
+    if len(parts) == 1:
+        return parts[0]
+    cat = lambda f: None if getattr(parts[0], f) is None else torch.cat([getattr(q, f) for q in parts])
+    return PackedWeight(cat("qweight"), cat("scales"), cat("qzeros"), cat("g_idx"), parts[0].bits,
+                        parts[0].group_size)
+
+
 def _unbatch(p: PackedWeight) -> PackedWeight:
-    sq = lambda t: None if t is None else t[0]
-    return PackedWeight(p.qweight[0], p.scales[0], sq(p.qzeros), sq(p.g_idx), p.bits, p.group_size)
+    return _index(p, 0)
 
 
 def _slim(rec):
     return {k: v for k, v in rec.items() if v}
 
 
+def quantize_layer(layer: nn.Module, prefix: str, collector: LayerCollector | None, adapter: ModelAdapter,
+                   cfg: QuantConfig) -> tuple[dict[str, PackedWeight], dict]:
+    """Solve every target weight of one layer (one process) and write the quantized values back in place."""
+    units = solve_units(layer, adapter, cfg)
+    solved = {u.index: solve_unit(layer, prefix, u, collector, adapter, cfg) for u in units}
+    return write_back(layer, prefix, units, solved, adapter)
+
+
+# -- memory -------------------------------------------------------------------------------------------------------
+
+def estimate_layer_memory(layer: nn.Module, adapter: ModelAdapter, cfg: QuantConfig, *, num_tokens: int,
+                          batch_tokens: int, offload: bool, sharding: Sharding = Sharding()) -> dict[str, int]:
+    """Peak accelerator bytes of quantizing one layer, by part (an estimate: ±20%).
+
+    weights      the layer's parameters
+    hessians     fp32: C² per owned dense linear; E_own·(H² + I²) for the owned experts (gate_up, down)
+    activations  the hidden states entering the layer and leaving it during the re-run (2·T·H), or two batches
+                 when offloaded
+    forward      one batch through the layer: the experts' gate_up / activation / down-input rows (T_b·k·(3I + H))
+                 and attention temporaries (~8·T_b·H), in the activation dtype (assumes SDPA/flash attention)
+    solve        the largest owned unit's GPTQ workspace (`gptq_workspace_bytes`) and its int64 packing transient
+    peak = weights + hessians + activations + max(forward, solve)
+    """
+    p0 = next(layer.parameters())
+    act = p0.element_size()
+    hidden = adapter.model.config.hidden_size
+    weights = sum(p.numel() * p.element_size() for p in layer.parameters())
+    units = solve_units(layer, adapter, cfg, sharding.world_size)
+    mine = [u for u in units if sharding.mine(u.index)]
+    gptq = cfg.method != "rtn"
+    hessians = solve = 0
+    block = adapter.moe_block(layer)
+    for u in mine:
+        if u.linear is not None:
+            R, C = layer.get_submodule(u.linear).weight.shape
+            B = 1
+            shapes = [(R, C)]
+        else:
+            B = u.experts[1] - u.experts[0]
+            shapes = [tuple(getattr(block.experts, n).shape[1:]) for n in ("gate_up_proj", "down_proj")]
+        for R, C in shapes:
+            hessians += B * C * C * 4 if gptq else 0
+            solve = max(solve, (gptq_workspace_bytes(B, R, C) if gptq else B * R * C * 4) + 8 * B * R * C)
+    if block is not None:
+        k = getattr(block.router, "top_k", None) or getattr(adapter.model.config, "num_experts_per_tok", 1)
+        I = block.intermediate_size
+        forward = batch_tokens * k * (3 * I + hidden) * act + 8 * batch_tokens * hidden * act
+    else:
+        inter = max((m.weight.shape[0] for n, (m, _) in adapter.linears(layer, ["dense"]).items()), default=hidden)
+        forward = batch_tokens * (3 * inter + 8 * hidden) * act
+    activations = 0 if not gptq else 2 * (batch_tokens if offload else num_tokens) * hidden * act
+    parts = {"weights": weights, "hessians": hessians, "activations": activations, "forward": forward,
+             "solve": solve}
+    parts["peak"] = weights + hessians + activations + max(forward, solve)
+    return parts
+
+
+def _fmt_gib(n: int) -> str:
+    return f"{n / GiB:.1f} GiB"
+
+
+def plan_memory(adapter: ModelAdapter, cfg: QuantConfig, *, num_tokens: int, batch_tokens: int, device,
+                sharding: Sharding = Sharding(), start_layer: int = 0) -> tuple[bool, list[dict]]:
+    """Decide whether calibration activations are offloaded and check that every layer fits, before any work.
+
+    Returns (offload, per-layer estimates). Raises InsufficientGPUMemoryError naming the option that makes it fit.
+    Only checked on CUDA (free memory from the driver, less 1 GiB of headroom).
+    """
+    layers = list(adapter.layers)[start_layer:]
+
+    def estimates(offload, chunk=None, batch=batch_tokens):
+        c = cfg if chunk is None else _replace(cfg, expert_chunk=chunk)
+        return [estimate_layer_memory(l, adapter, c, num_tokens=num_tokens, batch_tokens=batch, offload=offload,
+                                      sharding=sharding) for l in layers]
+
+    want = cfg.offload_activations
+    if not _is_cuda(device) or not layers:
+        return want == "on", estimates(want == "on") if layers else []
+    dev = torch.device(device)  # free: the driver's, plus what PyTorch's allocator holds cached but unused
+    free = torch.cuda.mem_get_info(dev)[0] + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev) - GiB
+    fits = lambda est: max(e["peak"] for e in est) <= free
+    plain = estimates(want == "on")
+    if want == "auto" and not fits(plain):
+        off = estimates(True)
+        if fits(off):
+            log.info(f"calibration activations ({_fmt_gib(plain[0]['activations'])} per layer) do not fit next to "
+                     f"the layer on the GPU: keeping them in pinned CPU memory (offload_activations=auto)")
+            return True, off
+    if fits(plain) or not cfg.memory_check:
+        return want == "on", plain
+    worst = max(plain, key=lambda e: e["peak"])
+    parts = ", ".join(f"{k} {_fmt_gib(v)}" for k, v in worst.items() if k != "peak")
+    msg = (f"a layer needs about {_fmt_gib(worst['peak'])} of GPU memory ({parts}), but {_fmt_gib(free)} are free "
+           f"(less 1 GiB of headroom).")
+    # the options that fit, mildest first: the largest expert chunk, the largest batch, activations kept on the GPU
+    fixes = []
+    E = max((b.num_experts for _, b in adapter.moe_blocks()), default=0)
+    chunk0 = expert_chunk_size(cfg, E, sharding.world_size) if E else 0
+    candidates = [(c, bt, off) for c in sorted({chunk0} | {c for c in (64, 32, 16, 8, 4, 2, 1) if c < chunk0},
+                                                 reverse=True)
+                  for bt in (batch_tokens, batch_tokens // 2, batch_tokens // 4) if bt >= 1
+                  for off in dict.fromkeys((want == "on", True))]
+    for chunk, bt, off in candidates:
+        if fits(estimates(off, chunk if E else None, bt)):
+            fixes = ["--offload-activations"] if off and want != "on" else []
+            fixes += [f"--expert-chunk {chunk}"] if E and chunk != chunk0 else []
+            fixes += [f"--batch-size {max(1, cfg.batch_size * bt // batch_tokens)}"] if bt != batch_tokens else []
+            break
+    if fixes:
+        msg += " It fits with " + " ".join(fixes) + "."
+    else:
+        msg += (" No single-GPU setting fits: shard the experts over more GPUs with torchrun "
+                "(Hessians and solves are split across ranks).")
+    msg += " (--no-memory-check skips this check.)"
+    raise InsufficientGPUMemoryError(msg)
+
+
+def check_group_sizes(adapter: ModelAdapter, cfg: QuantConfig, start_layer: int = 0) -> None:
+    """Fail before any work if the group size does not divide the input dim of a weight the run would quantize."""
+    if cfg.group_size == -1:
+        return
+    kinds = [k for k in LINEAR_TARGETS if k in cfg.targets]
+    dims = {}
+    for i in range(start_layer, len(adapter.layers)):
+        layer = adapter.layers[i]
+        for name, (mod, _) in adapter.linears(layer, kinds).items():
+            dims.setdefault(mod.weight.shape[1], f"{adapter.layer_prefix(i)}.{name}")
+        block = adapter.moe_block(layer)
+        if block is not None and "experts" in cfg.targets:
+            for pname in ("gate_up_proj", "down_proj"):
+                dims.setdefault(getattr(block.experts, pname).shape[-1], f"{adapter.layer_prefix(i)}.mlp.experts.{pname}")
+    bad = {d: n for d, n in dims.items() if d % cfg.group_size}
+    if bad:
+        d, name = next(iter(bad.items()))
+        ok = [g for g in (128, 64, 32) if all(k % g == 0 for k in dims)]
+        hint = f"--group-size {ok[0]}" if ok else "--group-size -1 (per channel)"
+        raise ValueError(f"group size {cfg.group_size} does not divide the input dim {d} of {name}; use {hint}, "
+                         f"or leave that kind of linear out of --targets")
+
+
+def _replace(cfg: QuantConfig, **kw) -> QuantConfig:
+    from dataclasses import replace
+
+    return replace(cfg, **kw)
+
+
+# -- the loop -----------------------------------------------------------------------------------------------------
+
 def quantize_model(model: nn.Module, cfg: QuantConfig, calib_tokens: torch.Tensor | None, *, progress: bool = True,
-                   start_layer: int = 0, layer_inputs=None, on_layer_done=None) -> QuantizationResult:
-    """The layer-by-layer loop. `calib_tokens` LongTensor [N, L] (unused for rtn)."""
+                   start_layer: int = 0, layer_inputs=None, on_layer_done=None,
+                   sharding: Sharding | None = None) -> QuantizationResult:
+    """The layer-by-layer loop. `calib_tokens` LongTensor [N, L] (unused for rtn).
+
+    sharding: this process's place among torchrun ranks (moequant.distributed.init_from_env); None = one process.
+    In a distributed run every rank calls this with the same model and tokens; rank 0 alone calls `on_layer_done`
+    and keeps the packed weights in the result.
+    """
     adapter = get_adapter(model)
+    sharding = sharding or Sharding()
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     result = QuantizationResult(model, {}, cfg)
     model.eval()
     needs_data = cfg.method != "rtn"
-    inputs = layer_inputs
-    if needs_data and inputs is None:
-        batches = calib_tokens.split(cfg.batch_size)
-        inputs = capture_layer_inputs(adapter, batches, device)
     layers = adapter.layers
-    bar = tqdm(range(start_layer, len(layers)), desc=f"quantize ({cfg.method}, W{cfg.bits})", disable=not progress,
-               unit="layer")
+    check_group_sizes(adapter, cfg, start_layer)
+    n_tokens = calib_tokens.numel() if calib_tokens is not None else 0
+    seq = calib_tokens.shape[1] if calib_tokens is not None else 0
+    offload, estimates = plan_memory(adapter, cfg, num_tokens=n_tokens, batch_tokens=cfg.batch_size * seq,
+                                     device=device, sharding=sharding, start_layer=start_layer)
+    inputs = None
+    if needs_data:
+        raw = layer_inputs if layer_inputs is not None else capture_layer_inputs(
+            adapter, calib_tokens.split(cfg.batch_size), device, offload=offload)
+        inputs = LayerInputs(raw, device, offload)
+    bar = tqdm(range(start_layer, len(layers)), desc=f"quantize ({cfg.method}, W{cfg.bits})",
+               disable=not progress or sharding.rank != 0, unit="layer")
     for i in bar:
-        layer = layers[i]
-        prefix = adapter.layer_prefix(i)
-        times = dict.fromkeys(STAGES, 0.0)
-        layer.to(device)
+        layer, prefix = layers[i], adapter.layer_prefix(i)
+        clock = _StageClock(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with clock("load"):
+            resident = _OnDevice(layer, device)
+        units = solve_units(layer, adapter, cfg, sharding.world_size)
+        mine = [u for u in units if sharding.mine(u.index)]
+
         collector = None
-        t0 = time.perf_counter()
-        if needs_data:
-            collector = LayerCollector(layer, adapter, cfg, device)
-            with torch.no_grad():
+        if needs_data:  # 1 capture: hooks accumulate this rank's Hessians (2) as the layer runs on its inputs
+            owned_experts = [j for u in mine if u.experts for j in range(*u.experts)]
+            collector = LayerCollector(layer, adapter, cfg, device, owned_experts=owned_experts,
+                                       owned_linears={u.linear for u in mine if u.linear})
+            with clock("capture"), torch.no_grad():
                 for hidden, kw in inputs:
                     layer(hidden, **kw)
             collector.remove()
-            _sync(device)
-        times["capture"] = time.perf_counter() - t0
-        if collector is not None:
-            times["hessian"] = collector.hessian_seconds  # part of capture, reported on its own
-        t0 = time.perf_counter()
-        packed, meta = quantize_layer(layer, prefix, collector, adapter, cfg)
-        _sync(device)
-        times["solve"] = time.perf_counter() - t0
-        del collector
-        t0 = time.perf_counter()
-        if needs_data:
-            with torch.no_grad():
-                inputs = [(_layer_out(layer(hidden, **kw)), kw) for hidden, kw in inputs]
-            _sync(device)
-        times["rerun"] = time.perf_counter() - t0
-        layer.to("cpu")
-        t0 = time.perf_counter()
-        meta = {"layer": i, **meta, "times": times}
-        result.packed.update(packed)
-        result.layers.append(meta)
-        if on_layer_done is not None:
-            on_layer_done(i, packed, meta, inputs)
-        times["write"] = time.perf_counter() - t0
+            clock.times["capture"] -= collector.hessian_seconds
+            clock.times["hessian"] = collector.hessian_seconds
+
+        with clock("solve"):  # 3 solve this rank's units
+            solved = {u.index: solve_unit(layer, prefix, u, collector, adapter, cfg) for u in mine}
+            del collector
+
+        with clock("write"):  # 4 exchange between ranks, write the quantized weights back into the layer
+            solved = sharding.exchange(solved, len(units))
+            packed, meta = write_back(layer, prefix, units, solved, adapter)
+            del solved
+
+        if needs_data and i + 1 < len(layers):  # 5 re-run: the next layer sees this layer's quantized outputs
+            with clock("rerun"), torch.no_grad():
+                inputs.advance(layer)
+
+        with clock("write"):  # 6 persist: the layer and its packed weights back to the CPU, the checkpoint
+            resident.back()
+            packed = {k: p.to("cpu") for k, p in packed.items()} if sharding.rank == 0 else {}
+            meta = {"layer": i, **meta, "times": clock.times, "offload_activations": offload,
+                    "estimated_gpu_bytes": estimates[i - start_layer]["peak"]}
+            if device.type == "cuda":
+                meta["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
+            result.packed.update(packed)
+            result.layers.append(meta)
+            if on_layer_done is not None and sharding.rank == 0:
+                on_layer_done(i, packed, meta, inputs)
     for name, child in adapter.backbone.named_children():
         if name != "layers":
             child.to("cpu")
+    if result.layers and sharding.rank == 0:
+        table = format_time_split(result.layers)
+        log.info("\n" + table)
+        if progress:
+            print(table, file=sys.stderr)
     return result
+
+
+def format_time_split(layers: list[dict]) -> str:
+    """The per-stage split of a run: total seconds, share, seconds per layer; and the peak GPU memory."""
+    tot = defaultdict(float)
+    for m in layers:
+        for k, v in m["times"].items():
+            tot[k] += v
+    total = sum(tot.values()) or 1.0
+    n = len(layers)
+    lines = [f"quantization time split over {n} layer{'s' * (n != 1)}: {total:.1f} s",
+             f"  {'stage':<8} {'seconds':>9} {'share':>6} {'s/layer':>8}"]
+    for k in STAGES:
+        lines.append(f"  {k:<8} {tot[k]:>9.2f} {100 * tot[k] / total:>5.1f}% {tot[k] / n:>8.3f}")
+    peaks = [m["peak_gpu_bytes"] for m in layers if "peak_gpu_bytes" in m]
+    if peaks:
+        est = max(m.get("estimated_gpu_bytes", 0) for m in layers)
+        lines.append(f"  peak GPU memory per layer: {_fmt_gib(max(peaks))} (estimated up front: {_fmt_gib(est)})")
+    return "\n".join(lines)
