@@ -35,7 +35,8 @@ class CorruptCheckpointError(RuntimeError):
     pass
 
 
-def _atomic(path: str, write):
+def atomic_write(path, write) -> None:
+    """Run write(tmp) on a temporary file beside `path`, then rename it into place (never a half-written file)."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
@@ -53,7 +54,7 @@ def write_json(path: str, obj) -> None:
     def w(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=True)
-    _atomic(path, w)
+    atomic_write(path, w)
 
 
 def read_json(path: str):
@@ -63,7 +64,7 @@ def read_json(path: str):
 
 def write_tensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def sha256(path: str) -> str:

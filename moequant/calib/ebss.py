@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from ..checkpoint import atomic_write
 from ..models.adapter import get_adapter
 from .balance import RouterRecorder, count_selections, load_stats, model_sigma
 
@@ -126,8 +125,8 @@ class EBSSResult:
         tensors = {"tokens": self.tokens.detach().cpu().to(torch.int64).contiguous()}
         if self.expert_load is not None:
             tensors["expert_load"] = self.expert_load.detach().cpu().to(torch.int64).contiguous()
-        _atomic_write(st_path, lambda tmp: save_file(tensors, tmp, metadata={"params": text}))
-        _atomic_write(json_path, lambda tmp: Path(tmp).write_text(text + "\n"))
+        atomic_write(st_path, lambda tmp: save_file(tensors, tmp, metadata={"params": text}))
+        atomic_write(json_path, lambda tmp: Path(tmp).write_text(text + "\n"))
         return st_path, json_path
 
     @classmethod
@@ -141,18 +140,6 @@ class EBSSResult:
             meta = f.metadata() or {}
         params = json.loads(json_path.read_text()) if json_path.exists() else json.loads(meta.get("params", "{}"))
         return cls(tokens=tokens, params=params, expert_load=load)
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _special_ids(model_config, tokenizer) -> set[int]:
