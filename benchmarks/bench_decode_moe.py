@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from moequant import ops
 from moequant.packing import PackedWeight
+from timing import median_ms  # noqa: E402  (benchmarks/timing.py)
 
 SHAPES = {  # E, k, H, I
     "mixtral": ("Mixtral-8x7B", 8, 2, 4096, 14336),
@@ -56,18 +57,7 @@ def time_graph_ms(fn, reps=10):
 
 
 def time_eager_ms(fn, reps=10):
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return sorted(ts)[len(ts) // 2]
+    return median_ms(fn, reps, warmup=2)
 
 
 def copy_bandwidth():

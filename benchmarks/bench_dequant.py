@@ -14,21 +14,11 @@ import torch
 
 from moequant import ops
 from moequant.packing import PackedWeight, dequantize as dequantize_torch
+from timing import median_ms  # noqa: E402  (benchmarks/timing.py)
 
 
 def time_ms(fn, iters=20, warmup=3):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return sorted(ts)[len(ts) // 2]
+    return median_ms(fn, iters, warmup)
 
 
 def copy_bandwidth():

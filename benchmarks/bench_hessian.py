@@ -21,6 +21,7 @@ import torch
 
 from moequant.kernels import expert_hessians
 from moequant.reference import expert_hessians_ref
+from timing import median_ms  # noqa: E402  (benchmarks/timing.py)
 
 CASES = [  # name, E, k, K, rows per token (k for gate_up, down_proj rows are per pair)
     ("dsv2lite gate_up", 64, 6, 2048, False),
@@ -30,18 +31,8 @@ CASES = [  # name, E, k, K, rows per token (k for gate_up, down_proj rows are pe
 
 
 def time_fn(fn, reps=10, warmup=2):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        ts.append(s.elapsed_time(e) * 1e3)
-    return statistics.median(ts)
+    """Median µs."""
+    return median_ms(fn, reps, warmup) * 1e3
 
 
 def inputs(T, E, k, K, down, weighted, gen):

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from moequant.kernels import fused_moe_w4a16, prepare_moe_w4a16
 from moequant.packing import PackedWeight, dequantize
 from moequant.quant.quantizer import QuantSpec, quantize_rtn
+from timing import median_ms  # noqa: E402  (benchmarks/timing.py)
 
 MODELS = {  # name: (E, k, H, I)
     "mixtral": (8, 2, 4096, 14336),
@@ -51,18 +52,7 @@ def measure_ceilings():
 
 def time_fn(fn, reps=30, warmup=3):
     """Median µs of fn, timed with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        ts.append(s.elapsed_time(e) * 1e3)
-    return statistics.median(ts)
+    return median_ms(fn, reps, warmup) * 1e3
 
 
 def time_graph(fn_calls, budget_ms=300):
