@@ -15,7 +15,6 @@ import argparse
 import csv
 import datetime
 import os
-import statistics
 
 import torch
 
