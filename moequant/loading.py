@@ -92,6 +92,8 @@ def load(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | Non
     if unexpected or set(missing) - expect_missing:
         raise ck.CorruptCheckpointError(f"{path}: tensors missing {sorted(set(missing) - expect_missing)[:5]} / "
                                         f"unexpected {sorted(unexpected)[:5]}")
+    if tied:  # stored once (as the embedding); from_config does not tie by itself, so share it explicitly
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
     model.quantization_config = qcfg
     model = model.to(device).eval()
     if not dequantize:

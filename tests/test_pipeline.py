@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import moequant
 from conftest import clone_model, make_tiny
-from moequant.models import get_adapter
+from moequant.models import get_adapter, tiny_config
 
 
 def _rel_err(model, ref_logits, ids):
@@ -153,3 +153,18 @@ def test_moequant_method_runs_ebss_then_agq(model_type, tmp_path):
     assert qc["method"] == "moequant" and qc["calibration"]["source"] == "ebss"
     tokens = load_file(str(tmp_path / "o" / "calibration.safetensors"))["input_ids"]
     assert tokens.shape == (3, 12)
+
+
+@pytest.mark.parametrize("dequantize", [False, True])
+def test_tied_embeddings_survive_save_and_load(tmp_path, calib, dequantize):
+    """A model with tie_word_embeddings (the shipped zoo models) stores the matrix once and reloads it tied."""
+    cfg = tiny_config("mixtral")
+    cfg.tie_word_embeddings = True
+    torch.manual_seed(0)
+    q = T.AutoModelForCausalLM.from_config(cfg).eval()
+    assert q.lm_head.weight.data_ptr() == q.model.embed_tokens.weight.data_ptr()
+    moequant.quantize(q, method="gptq", group_size=32, calib_tokens=calib, progress=False,
+                      output_dir=str(tmp_path / "o"))
+    loaded = moequant.load(str(tmp_path / "o"), dequantize=dequantize)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(calib).logits, q(calib).logits)
