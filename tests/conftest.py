@@ -60,3 +60,18 @@ def tiny_mixtral_dir(tmp_path_factory, tiny_tokenizer):
 @pytest.fixture(params=SUPPORTED_MODEL_TYPES)
 def model_type(request):
     return request.param
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def interpreter_only(kernel):
+    """Skip marker for CPU tests of a Triton kernel: they need Triton's interpreter, which Triton chooses when it is
+    imported (its own standard library included). On a CUDA machine, or if triton was imported before
+    TRITON_INTERPRET was set, run them in their own process with TRITON_INTERPRET=1."""
+    import triton
+    from triton.runtime.interpreter import InterpretedFunction
+
+    on = isinstance(kernel, InterpretedFunction) and isinstance(triton.language.standard.cdiv, InterpretedFunction)
+    return pytest.mark.skipif(not on, reason="CPU interpreter test: run with TRITON_INTERPRET=1 set before triton "
+                                             "is imported")

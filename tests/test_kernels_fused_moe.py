@@ -8,7 +8,6 @@ import os
 
 import pytest
 import torch
-import triton
 from triton.runtime.interpreter import InterpretedFunction
 
 if not torch.cuda.is_available():
@@ -18,17 +17,13 @@ from moequant.kernels import MoeConfig, default_config, fused_moe_w4a16, prepare
 from moequant.packing import PackedWeight  # noqa: E402
 from moequant.quant.quantizer import QuantSpec, quantize_rtn  # noqa: E402
 from moequant.kernels.fused_moe_w4a16 import _moe_gemm1_kernel as _KERNEL  # noqa: E402
+from conftest import gpu, interpreter_only  # noqa: E402
 from moequant.reference import fused_moe_w4a16_ref  # noqa: E402
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-# CPU tests run the kernels in Triton's interpreter, which Triton chooses when it is imported (its own
-# standard library included): on a CUDA machine, or if triton was imported before this module set the
-# variable, run them in their own process with TRITON_INTERPRET=1.
 _INTERPRETED = isinstance(_KERNEL, InterpretedFunction)
-interpreter = pytest.mark.skipif(not (_INTERPRETED and isinstance(triton.language.standard.cdiv, InterpretedFunction)),
-                                 reason="CPU interpreter test: run with TRITON_INTERPRET=1 set before triton is imported")
+interpreter = interpreter_only(_KERNEL)
 
 
 def _layer(E, H, I, g, sym, dtype, device, gen):

@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-import triton
 from triton.runtime.interpreter import InterpretedFunction
 
 if not torch.cuda.is_available():
@@ -16,17 +15,13 @@ if not torch.cuda.is_available():
 from moequant.kernels import expert_hessians  # noqa: E402
 from moequant.kernels.moe_align import moe_align  # noqa: E402
 from moequant.kernels.expert_hessians import _expert_hessian_kernel as _KERNEL  # noqa: E402
+from conftest import gpu, interpreter_only  # noqa: E402
 from moequant.reference import expert_hessians_ref  # noqa: E402
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-# CPU tests run the kernels in Triton's interpreter, which Triton chooses when it is imported (its own
-# standard library included): on a CUDA machine, or if triton was imported before this module set the
-# variable, run them in their own process with TRITON_INTERPRET=1.
 _INTERPRETED = isinstance(_KERNEL, InterpretedFunction)
-interpreter = pytest.mark.skipif(not (_INTERPRETED and isinstance(triton.language.standard.cdiv, InterpretedFunction)),
-                                 reason="CPU interpreter test: run with TRITON_INTERPRET=1 set before triton is imported")
+interpreter = interpreter_only(_KERNEL)
 
 
 def _inputs(T, K, E, k, dtype, device, weighted, gen):
