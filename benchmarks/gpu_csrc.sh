@@ -5,7 +5,7 @@
 set -u -o pipefail
 OUT=${OUT:-./out}
 mkdir -p "$OUT"
-STEPS=${STEPS:-"build test ctest sanitize bench"}
+STEPS=${STEPS:-"build test ctest sanitize ncu bench"}
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 # The device image presets TORCH_CUDA_ARCH_LIST=9.0a; we want sm_80 and sm_90 (MOEQUANT_ARCHS overrides).
 export TORCH_CUDA_ARCH_LIST=${MOEQUANT_ARCHS:-"8.0;9.0"} MAX_JOBS=${MAX_JOBS:-16}
@@ -26,6 +26,8 @@ if has build; then
   $PY setup.py build_ext --inplace 2>&1 | tee "$OUT/build.log" | grep -E "moequant:|error|warning" | head -40
   RC[build]=$?
   ls -la moequant/_C*.so | tee -a "$OUT/build.log"
+  # without an editable install, moequant.kernels (the Triton kernels, for the comparison) is a link here
+  [ -e moequant/kernels ] || ln -s ../kernels moequant/kernels
   cuobjdump --list-elf moequant/_C*.so 2>&1 | tee -a "$OUT/build.log" | grep -o "sm_[0-9]*" | sort | uniq -c
   $PY -c "import moequant.ops as o; assert o.cuda_available(), 'moequant._C has no CUDA'; print('moequant._C WITH_CUDA ok')" || RC[build]=1
   wait $CMAKE_PID
@@ -39,11 +41,29 @@ if has test; then
   $PY -m pytest -q tests/test_csrc_dequant.py tests/test_csrc_moe_decode.py -k "bad_input" 2>&1 | tee -a "$OUT/tests.log" | tail -4
   RC[test_errors]=$?
   if [ "${RC[test_errors]}" != 0 ]; then
-    which -a g++ c++ | tee -a "$OUT/tests.log"; g++ --version | head -1 | tee -a "$OUT/tests.log"
-    cuda-gdb -batch -ex run -ex bt --args $PY -c "
+    # where it dies: the Python stack (faulthandler) and the native one (gdb) of the failing pytest process
+    $PY -X faulthandler -m pytest -q -p no:cacheprovider tests/test_csrc_dequant.py -k "bad_input" 2>&1 | tail -40 \
+      | tee -a "$OUT/tests.log"
+    for pre in "" "import triton" "import transformers" "import pytest"; do
+      echo "== bad input in a fresh process after: '$pre'" | tee -a "$OUT/tests.log"
+      $PY -c "$pre
 import torch, moequant.ops
-q = torch.zeros(4, 8, dtype=torch.float32); s = torch.ones(1, 8)
-torch.ops.moequant.dequantize(q, s, None, None, 4, -1, torch.bfloat16)" 2>&1 | grep -vE "^\[New Thread|^\[Thread" | tail -25 | tee -a "$OUT/tests.log"
+try:
+    torch.ops.moequant.dequantize(torch.zeros(4, 8), torch.ones(1, 8), None, None, 4, -1, torch.bfloat16)
+except RuntimeError as e:
+    print('raised:', str(e)[:80])" 2>&1 | tail -3 | tee -a "$OUT/tests.log"
+    done
+    for pre in "import moequant.models" "import PIL.Image" "import yaml, regex, markupsafe" "import sys; sys.path.insert(0, 'tests'); import conftest"; do
+      echo "== bad input in a fresh process after: '$pre'" | tee -a "$OUT/tests.log"
+      $PY -c "$pre
+import torch, moequant.ops
+try:
+    torch.ops.moequant.dequantize(torch.zeros(4, 8), torch.ones(1, 8), None, None, 4, -1, torch.bfloat16)
+except RuntimeError as e:
+    print('raised:', str(e)[:80])" 2>&1 | tail -3 | tee -a "$OUT/tests.log"
+    done
+    cuda-gdb -batch -ex run -ex bt --args $PY -m pytest -q -p no:cacheprovider tests/test_csrc_dequant.py -k bad_input \
+      2>&1 | grep -vE "^\[New Thread|^\[Thread" | grep -A25 "received signal" | cut -c1-400 | tee -a "$OUT/tests.log"
   fi
   echo "tests done at $((SECONDS - t0)) s"
 fi
@@ -72,6 +92,23 @@ if has sanitize; then
   } 2>&1 | tee "$OUT/sanitizer.log"
   RC[sanitize]=$(grep -c "^rc=[1-9]" "$OUT/sanitizer.log")
   echo "sanitizer done at $((SECONDS - t0)) s"
+fi
+
+if has ncu; then
+  # what limits the decode kernels: speed of light, memory, occupancy, stall reasons (2 launches of one call)
+  for case in "mixtral 1" "qwen3 1" "mixtral 8"; do
+    set -- $case
+    echo "== ncu $1 M=$2" | tee -a "$OUT/ncu.log"
+    ncu -k regex:moe_decode --launch-skip 2 --launch-count 2 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+      --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
+      $PY benchmarks/profile_decode.py --shape $1 --m $2 2>&1 | grep -vE "^==PROF==" >> "$OUT/ncu.log"
+  done
+  # instructions, pipe use and stall reasons (per issued instruction) at Mixtral M=1
+  ncu -k regex:moe_decode --launch-skip 2 --launch-count 2 --page raw --metrics \
+    smsp__inst_executed.sum,gpu__time_duration.sum,dram__bytes_read.sum,regex:sm__inst_executed_pipe_.*.avg.pct_of_peak_sustained_active,regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio,smsp__issue_active.avg.pct_of_peak_sustained_active \
+    $PY benchmarks/profile_decode.py --shape mixtral --m 1 2>&1 | grep -vE "^==PROF==|device__" > "$OUT/ncu_raw.log"
+  grep -E "== ncu|moe_decode|Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)|Registers Per|Achieved Occupancy|Theoretical Occupancy|Issued Warp|Stall" "$OUT/ncu.log" | head -80
+  echo "ncu done at $((SECONDS - t0)) s"
 fi
 
 if has bench; then

@@ -45,7 +45,7 @@ void dequantize_cpu_out(const Packed& p, at::Tensor& out) {
     case at::kFloat: return dequantize_cpu_typed<S, float>(p, out);
     case at::kHalf: return dequantize_cpu_typed<S, at::Half>(p, out);
     case at::kBFloat16: return dequantize_cpu_typed<S, at::BFloat16>(p, out);
-    default: TORCH_CHECK(false, "dequantize: unsupported output dtype ", out.scalar_type());
+    default: MQ_CHECK(false, "dequantize: unsupported output dtype ", out.scalar_type());
   }
 }
 
@@ -55,7 +55,7 @@ at::Tensor dequantize_cpu(const at::Tensor& qweight, const at::Tensor& scales, c
   const Packed p = check_packed("dequantize", qweight, scales, qzeros, g_idx, bits, group_size);
   if (p.g_idx.defined() && p.g_idx.numel()) {  // out-of-range groups would read past scales
     const auto mn = p.g_idx.min().item<int64_t>(), mx = p.g_idx.max().item<int64_t>();
-    TORCH_CHECK(mn >= 0 && mx < p.groups, "dequantize: g_idx values must lie in [0, ", p.groups, "), got [", mn,
+    MQ_CHECK(mn >= 0 && mx < p.groups, "dequantize: g_idx values must lie in [0, ", p.groups, "), got [", mn,
                 ", ", mx, "]");
   }
   return dequantize_cpu_packed(p, dtype);
@@ -71,7 +71,7 @@ at::Tensor dequantize_cpu_packed(const Packed& p, at::ScalarType dtype) {
     case at::kFloat: dequantize_cpu_out<float>(p, out); break;
     case at::kHalf: dequantize_cpu_out<at::Half>(p, out); break;
     case at::kBFloat16: dequantize_cpu_out<at::BFloat16>(p, out); break;
-    default: TORCH_CHECK(false, "dequantize: unsupported scales dtype ", p.scales.scalar_type());
+    default: MQ_CHECK(false, "dequantize: unsupported scales dtype ", p.scales.scalar_type());
   }
   return out;
 }

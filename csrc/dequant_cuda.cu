@@ -31,7 +31,7 @@ void run(const Packed& p, at::Tensor& out) {
   a.bits = p.bits;
   a.dst = reinterpret_cast<CO*>(out.data_ptr<O>());
   const cudaError_t err = cuda::launch_dequant(a, at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "dequantize: CUDA kernel launch failed: ", cudaGetErrorString(err));
+  MQ_CHECK(err == cudaSuccess, "dequantize: CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
 template <typename S>
@@ -40,7 +40,7 @@ void run_out(const Packed& p, at::Tensor& out) {
     case at::kFloat: return run<S, float>(p, out);
     case at::kHalf: return run<S, at::Half>(p, out);
     case at::kBFloat16: return run<S, at::BFloat16>(p, out);
-    default: TORCH_CHECK(false, "dequantize: unsupported output dtype ", out.scalar_type());
+    default: MQ_CHECK(false, "dequantize: unsupported output dtype ", out.scalar_type());
   }
 }
 
@@ -48,7 +48,7 @@ at::Tensor dequantize_cuda(const at::Tensor& qweight, const at::Tensor& scales, 
                            const c10::optional<at::Tensor>& g_idx, int64_t bits, int64_t group_size, at::ScalarType dtype) {
   const Packed p = check_packed("dequantize", qweight, scales, qzeros, g_idx, bits, group_size);
   check_dtype_out(dtype);
-  TORCH_CHECK((p.in_features + 31) / 32 <= 65535, "dequantize: in_features ", p.in_features, " is too large (max ",
+  MQ_CHECK((p.in_features + 31) / 32 <= 65535, "dequantize: in_features ", p.in_features, " is too large (max ",
               65535 * 32, ")");
   const c10::cuda::CUDAGuard guard(qweight.device());
   at::Tensor out = at::empty(dequant_shape(p), qweight.options().dtype(dtype));
@@ -57,7 +57,7 @@ at::Tensor dequantize_cuda(const at::Tensor& qweight, const at::Tensor& scales, 
     case at::kFloat: run_out<float>(p, out); break;
     case at::kHalf: run_out<at::Half>(p, out); break;
     case at::kBFloat16: run_out<at::BFloat16>(p, out); break;
-    default: TORCH_CHECK(false, "dequantize: unsupported scales dtype ", p.scales.scalar_type());
+    default: MQ_CHECK(false, "dequantize: unsupported scales dtype ", p.scales.scalar_type());
   }
   return out;
 }

@@ -26,7 +26,7 @@ at::Tensor moe_w4a16_decode_cpu(const at::Tensor& x, const at::Tensor& w13_qweig
   const float* wt = wts.data_ptr<float>();
   const int64_t pairs = d.M * d.top_k;
   for (int64_t p = 0; p < pairs; ++p)
-    TORCH_CHECK(id[p] >= 0 && id[p] < d.E, "moe_w4a16_decode: topk_ids value ", id[p], " is outside [0, ", d.E, ")");
+    MQ_CHECK(id[p] >= 0 && id[p] < d.E, "moe_w4a16_decode: topk_ids value ", id[p], " is outside [0, ", d.E, ")");
   for (int64_t e = 0; e < d.E; ++e) {
     std::vector<int64_t> tok;
     std::vector<float> w;

@@ -22,11 +22,12 @@ except ImportError as e:  # the extension was not built, or was built against an
     _C = None
     _IMPORT_ERROR = e
 
-# Largest number of tokens for which the quantized MoE layer should use `moe_w4a16_decode`.
-# Measured on an H100 (benchmarks/bench_decode_moe.py, 2026-11-25): the decode op beats bf16
-# torch._grouped_mm by 1.8-3.9x up to M=4, ties it at M=8 and loses at M=16 (CUDA cores run
-# out of arithmetic). The crossover against the Triton fused_moe_w4a16 is still to be measured.
-DECODE_MAX_M = 4
+# Largest number of tokens for which the quantized MoE layer should use `moe_w4a16_decode`
+# rather than the Triton fused_moe_w4a16. Measured on an H100 in one run (benchmarks/gpu_csrc.sh,
+# BENCHMARKS.md, 2026-11-25): the decode op is as fast as the Triton kernel or faster (1.0-1.2x)
+# up to M=8 on the Mixtral, DeepSeek-V2-Lite and Qwen3-30B-A3B shapes, and slower from M=16
+# (0.7-0.9x), where the Triton kernel's larger tiles pay off.
+DECODE_MAX_M = 8
 
 
 def available() -> bool:

@@ -207,8 +207,16 @@ int test_decode(int M, int E, int k, int H, int I, int group, bool sym, std::mt1
   a.weights_kind = 0;
   a.M = M; a.top_k = k; a.E = E; a.H = H; a.I = I;
   a.rows_per_group13 = group / 8; a.rows_per_group2 = group / 8;
-  CHECK_CUDA(cudaMalloc(&a.h, static_cast<size_t>(M) * k * I * 4));
-  CHECK_CUDA(cudaMalloc(&a.out2, static_cast<size_t>(M) * k * H * 4));
+  int num_sms = 0;
+  CHECK_CUDA(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, 0));
+  moequant::cuda::decode_splits(M, k, E, H, I, num_sms, a.split13, a.split2);
+  const size_t ncount = moequant::cuda::decode_counters(E, H, I);
+  CHECK_CUDA(cudaMalloc(&a.h, static_cast<size_t>(M) * k * I * 2));
+  CHECK_CUDA(cudaMalloc(&a.out13, static_cast<size_t>(a.split13) * M * k * 2 * I * 4));
+  CHECK_CUDA(cudaMalloc(&a.out2, static_cast<size_t>(a.split2) * M * k * H * 4));
+  CHECK_CUDA(cudaMalloc(&a.counters, ncount * 4));
+  CHECK_CUDA(cudaMemset(a.counters, 0, ncount * 4));
+  std::printf("     splits gate_up %d, down %d\n", a.split13, a.split2);
   uint16_t* y = nullptr;
   CHECK_CUDA(cudaMalloc(&y, static_cast<size_t>(M) * H * 2));
   CHECK_CUDA(cudaMemset(y, 0xFF, static_cast<size_t>(M) * H * 2));
@@ -249,6 +257,9 @@ int main() {
   fails += test_decode(3, 8, 2, 256, 96, 32, false, rng);
   fails += test_decode(12, 16, 4, 512, 64, 64, false, rng);
   fails += test_decode(20, 4, 2, 128, 64, 32, true, rng);  // > 16 tokens per expert: several passes
+  fails += test_decode(1, 8, 2, 1024, 3584, 128, true, rng);  // K split across blocks in the down GEMM
+  fails += test_decode(1, 8, 2, 4096, 512, 128, false, rng);  // K split across blocks in the gate_up GEMM
+  fails += test_decode(2, 8, 2, 520, 1416, 8, false, rng);    // ragged chunks and tiles, group 8
   std::printf(fails ? "%d case(s) FAILED\n" : "all cases passed\n", fails);
   return fails ? 1 : 0;
 }
