@@ -1,7 +1,8 @@
 """Quantization time at real shapes: seconds per layer, per expert linear, and for the whole model, on one GPU.
 
-    python benchmarks/bench_quantize.py [--cases mixtral-8x7b:4,deepseek-v2-lite,qwen3-30b-a3b]
-                                        [--samples 128] [--seq-len 2048] [--baseline] [--factor-bench] [--out DIR]
+    python benchmarks/bench_quantize.py [--cases mixtral-8x7b:3,deepseek-v2-lite,qwen3-30b-a3b]
+                                        [--samples 128] [--seq-len 2048] [--baseline mixtral-8x7b,...]
+                                        [--solve-bench] [--factor-bench] [--no-overlap] [--out DIR]
 
 Models have the public configs' shapes (moequant.models.real_config) and random bf16 weights, built offline: on the
 meta device, then every tensor filled on the GPU (normal(0, 0.02); norms 1) and copied into CPU memory, so the
@@ -14,16 +15,23 @@ in bf16; its attention and all MoE layers are quantized.
 
 Calibration: `--samples` × `--seq-len` random token ids (default 128 × 2048), AGQ W4 g128 (the package defaults).
 Reported per case: the end-to-end wall time of `quantize_model` (input capture included), seconds per MoE layer
-and its split (load, capture, hessian, solve, write, rerun), GPU-seconds per expert linear (MoE-layer time over
-3·E: gate, up and down of every expert; attention and shared experts included in the layer time, like the
-peers' figures), the whole-model time (measured, or extrapolated from the mean layer), and the peak GPU memory of a
-layer against the up-front estimate.
+and its split (load, capture, hessian, solve, write, rerun: what the run waits for; the copies overlapped in the
+background are listed apart), GPU-seconds per expert linear (MoE-layer time over 3·E: gate, up and down of every
+expert; attention and shared experts included in the layer time, like the peers' figures), the whole-model time
+(measured, or extrapolated from the mean layer), and the peak GPU memory of a layer against the up-front estimate.
 
---baseline: one MoE layer per case again with the torch paths (GPTQ column loop in Python, per-expert torch
-Hessians): the same pipeline before the kernels, measured in the same run.
---factor-bench: the two factorisations of H⁻¹ (moequant.quant.gptq) at the real expert shapes; the cases then
-use the faster one.
+--baseline NAMES: the same-run baseline, one MoE layer of each named shape quantized the plain way: per-expert
+(one matrix at a time) textbook GPTQ — the Python column loop, H⁻¹ by Cholesky / inverse / Cholesky, the lazy
+right-looking update — on Hessians from per-expert fp32 torch matmuls, the layer's full forward in the capture, and
+no overlap of transfers and compute. The table gives its seconds, its split and the ratio to the fast path's MoE
+layer of the same shape measured in the same run.
+--solve-bench: the GPTQ solve alone at Mixtral's expert shapes on random Hessians: the previous default (right
+update, reversed-recursive H⁻¹ factor, cuSOLVER Cholesky) against the variants (left update; blocked Cholesky),
+with the codes' agreement and proxy-loss ratio against the previous default.
+--factor-bench: the H⁻¹ factorisations (moequant.quant.gptq) at the real expert shapes.
 Results go to DIR/bench_quantize.json and DIR/bench_quantize.md (DIR defaults to $OUT or bench_out).
+On the device machine (no editable install) run it through benchmarks/gpu_quantize.sh, which makes `kernels/`
+importable as `moequant.kernels` and runs the GPU tests first.
 """
 from __future__ import annotations
 
@@ -42,7 +50,8 @@ import transformers as T
 from moequant.config import QuantConfig
 from moequant.models import get_adapter, real_config
 from moequant.models.configs import REAL_LAYERS
-from moequant.pipeline import STAGES, quantize_model
+from moequant import pipeline as pipeline_mod
+from moequant.pipeline import OVERLAPPED, STAGES, quantize_model
 from moequant.quant import gptq as gptq_mod
 
 GiB = 1 << 30
@@ -83,7 +92,14 @@ def moe_shape(model):
                 top_k=model.config.num_experts_per_tok, moe_layers=[i for i, _ in blocks])
 
 
-def run_case(name: str, num_layers: int | None, tokens: torch.Tensor, cfg: QuantConfig, log) -> dict:
+LAYER_STAGES = STAGES  # what a layer's time sums (the overlapped background seconds are reported apart)
+
+
+def layer_s(m) -> float:
+    return sum(m["times"][k] for k in LAYER_STAGES)
+
+
+def run_case(name: str, num_layers: int | None, tokens: torch.Tensor, cfg: QuantConfig, log, overlap=None) -> dict:
     total_layers = REAL_LAYERS[name]
     n = num_layers or total_layers
     t0 = time.perf_counter()
@@ -93,25 +109,28 @@ def run_case(name: str, num_layers: int | None, tokens: torch.Tensor, cfg: Quant
     log(f"\n== {name}: {n} of {total_layers} layers, E={shape['experts']} H={shape['hidden']} I={shape['inter']} "
         f"top-{shape['top_k']}; built in {build_s:.1f} s")
 
-    def on_done(i, _packed, meta, _inputs):  # progress (the write stage is still running: final times below)
-        print(f"  layer {i:2d} done", flush=True)
+    def on_done(i, _packed, _meta, _state):  # progress (runs on the write-back thread)
+        print(f"  layer {i:2d} written", flush=True)
 
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    res = quantize_model(model, cfg, tokens, progress=False, on_layer_done=on_done)
+    res = quantize_model(model, cfg, tokens, progress=False, on_layer_done=on_done, overlap=overlap)
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     for m in res.layers:
         t = m["times"]
-        log(f"  layer {m['layer']:2d}: {sum(t.values()):6.2f} s  " + " ".join(f"{k} {t[k]:.2f}" for k in STAGES) +
+        log(f"  layer {m['layer']:2d}: {layer_s(m):6.2f} s  " + " ".join(f"{k} {t[k]:.2f}" for k in STAGES) +
+            f"  (overlapped: to GPU {t['overlapped_load']:.2f}, back {t['overlapped_write']:.2f})"
             f"  peak {m.get('peak_gpu_bytes', 0) / GiB:.1f} GiB (est. {m['estimated_gpu_bytes'] / GiB:.1f})")
     # the first MoE layer also pays Triton's JIT compiles: the per-layer figures are over the others
     moe = [m for m in res.layers if m["layer"] in shape["moe_layers"]]
     steady = moe[1:] or moe
     dense = [m for m in res.layers if m["layer"] not in shape["moe_layers"]]
-    layer_s = lambda m: sum(m["times"].values())
-    moe_mean = statistics.mean(layer_s(m) for m in steady)
-    split = {k: statistics.mean(m["times"][k] for m in steady) for k in STAGES}
+    # the model's last layer has no re-run (no next layer): its re-run is averaged over the layers that have one
+    last = res.layers[-1]["layer"]
+    split = {k: statistics.mean(m["times"][k] for m in (
+        [m for m in steady if m["layer"] != last] or steady if k == "rerun" else steady)) for k in STAGES + OVERLAPPED}
+    moe_mean = sum(split[k] for k in STAGES)
     n_moe_total = len(shape["moe_layers"]) * total_layers // n if num_layers else len(shape["moe_layers"])
     n_dense_total = total_layers - n_moe_total
     dense_mean = statistics.mean(layer_s(m) for m in dense) if dense else 0.0
@@ -129,39 +148,58 @@ def run_case(name: str, num_layers: int | None, tokens: torch.Tensor, cfg: Quant
                whole_per_expert_linear_s=whole / (n_moe_total * linears),
                peak_gib=max(m.get("peak_gpu_bytes", 0) for m in res.layers) / GiB,
                estimated_gib=max(m["estimated_gpu_bytes"] for m in res.layers) / GiB,
-               offload=res.layers[0]["offload_activations"], targets=list(cfg.targets),
-               first_moe_layer_s=layer_s(moe[0]), lead_in_s=lead_in,
+               offload=res.layers[0]["offload_activations"], overlap=res.layers[0]["overlap"],
+               targets=list(cfg.targets), first_moe_layer_s=layer_s(moe[0]), lead_in_s=lead_in,
                fp64_refactorisations=sum("fp64" in n for n in notes), damp_raised=sum("raising damp" in n for n in notes))
     log(f"  -> wall {wall:.1f} s; MoE layer {moe_mean:.2f} s (first {out['first_moe_layer_s']:.2f} s); "
         f"{out['per_expert_linear_s'] * 1e3:.1f} ms per expert linear; whole model "
         f"{'measured' if not num_layers else 'extrapolated'} {whole:.0f} s; H⁻¹ notes: "
-        f"{out['fp64_refactorisations']} fp64 refactorisations, {out['damp_raised']} damping raises")
+        f"{out['fp64_refactorisations']} fp64 refactorisations, {out['damp_raised']} damping raises; "
+        f"overlap {out['overlap']}")
     del res, model
     gc.collect()
     torch.cuda.empty_cache()
     return out
 
 
-def baseline_layer(name: str, tokens: torch.Tensor, cfg: QuantConfig, log) -> dict:
-    """One MoE layer with the torch paths (Python column loop, per-expert torch Hessians), for the ratio."""
-    model = build_model(name, 2 if name.startswith("deepseek") else 1)  # DeepSeek's layer 0 is dense
+class textbook_settings:
+    """The plain pipeline for the baseline: textbook H⁻¹ factor (Cholesky, inverse, Cholesky), lazy right-looking
+    update, cuSOLVER Cholesky, and the layer's full forward in the capture."""
+
+    def __enter__(self):
+        self.saved = (gptq_mod.UPDATE, gptq_mod.INVERSE_FACTOR, gptq_mod.CHOLESKY, pipeline_mod.SKIP_ROUTED_EXPERTS)
+        gptq_mod.UPDATE, gptq_mod.INVERSE_FACTOR, gptq_mod.CHOLESKY = "right", "inverse", "torch"
+        pipeline_mod.SKIP_ROUTED_EXPERTS = False
+
+    def __exit__(self, *exc):
+        gptq_mod.UPDATE, gptq_mod.INVERSE_FACTOR, gptq_mod.CHOLESKY, pipeline_mod.SKIP_ROUTED_EXPERTS = self.saved
+
+
+def baseline_layer(name: str, tokens: torch.Tensor, cfg: QuantConfig, log, ours: dict | None) -> dict:
+    """One MoE layer quantized the plain way (module docstring), timed by the same stage clock."""
+    n = 3 if name.startswith("deepseek") else 2  # DeepSeek's layer 0 is dense; one layer more for the re-run
+    model = build_model(name, n)
     moe_layers = moe_shape(model)["moe_layers"]
-    base = QuantConfig(**{**cfg.to_dict(), "gptq_backend": "torch", "hessian_backend": "torch"})
-    fast = quantize_model(model, cfg, tokens, progress=False)  # the same layer with the kernels, same run
-    model = build_model(name, 2 if name.startswith("deepseek") else 1)
-    slow = quantize_model(model, base, tokens, progress=False)
-    pick = lambda r: next(m["times"] for m in r.layers if m["layer"] in moe_layers)
-    f, s = pick(fast), pick(slow)
-    log(f"  baseline {name}: torch paths {sum(s.values()):.2f} s ({' '.join(f'{k} {s[k]:.2f}' for k in STAGES)}) "
-        f"vs kernels {sum(f.values()):.2f} s -> {sum(s.values()) / sum(f.values()):.1f}x")
-    del model, fast, slow
+    base = QuantConfig(**{**cfg.to_dict(), "gptq_backend": "torch", "hessian_backend": "torch", "expert_chunk": 1})
     gc.collect()
     torch.cuda.empty_cache()
-    return dict(case=name, torch_s=sum(s.values()), torch_split=s, kernels_s=sum(f.values()), kernels_split=f)
+    with textbook_settings():
+        res = quantize_model(model, base, tokens, progress=False, overlap=False, end_layer=moe_layers[0] + 1)
+    m = next(m for m in res.layers if m["layer"] in moe_layers)
+    s = {k: m["times"][k] for k in STAGES}
+    total = sum(s.values())
+    out = dict(case=name, baseline_s=total, baseline_split=s,
+               ours_s=ours["moe_layer_s"] if ours else None, ours_split=ours["split_s"] if ours else None)
+    ratio = f" vs ours {ours['moe_layer_s']:.2f} s -> {total / ours['moe_layer_s']:.1f}x" if ours else ""
+    log(f"  baseline {name}: {total:.2f} s ({' '.join(f'{k} {s[k]:.2f}' for k in STAGES)}){ratio}")
+    del model, res
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
 
 
 def factor_bench(log) -> list[dict]:
-    """Seconds of the two H⁻¹ factorisations at real expert shapes (random SPD Hessians)."""
+    """Seconds of the H⁻¹ factorisations at real expert shapes (random SPD Hessians)."""
     rows = []
     for label, B, C in (("mixtral down", 8, 14336), ("mixtral gate_up", 8, 4096), ("qwen3 gate_up", 128, 2048)):
         X = torch.randn(B, C, 2 * C // 8, device="cuda") / C ** 0.5
@@ -183,28 +221,123 @@ def factor_bench(log) -> list[dict]:
     return rows
 
 
-def markdown(meta: dict, cases: list[dict], baselines: list[dict], factors: list[dict]) -> str:
-    L = [f"device: {meta['device']}; torch {meta['torch']}; {meta['date']}; H⁻¹ factorisation "
-         f"'{meta.get('factorisation')}'", f"command: `{meta['command']}`",
+SOLVE_VARIANTS = {  # name: (update, Cholesky, Cholesky block)
+    "previous (right, cuSOLVER)": ("right", "torch", 512),
+    "left, cuSOLVER": ("left", "torch", 512),
+    "left, blocked 256": ("left", "blocked", 256),
+    "left, blocked 512": ("left", "blocked", 512),
+    "left, blocked 1024": ("left", "blocked", 1024),
+}
+
+
+def _timed(fn):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
+SOLVE_SHAPES = (("mixtral down_proj", 8, 4096, 14336), ("mixtral gate_up_proj", 8, 28672, 4096))
+
+
+def solve_bench(log, shapes=SOLVE_SHAPES, device="cuda", blocks=(256, 512, 1024)) -> list[dict]:
+    """The GPTQ solve (W4 g128, bf16 scales) and the Cholesky alone at Mixtral's expert shapes, random Hessians."""
+    from moequant.quant.quantizer import QuantSpec
+
+    rows = []
+    spec = QuantSpec(bits=4, group_size=128)
+    saved = (gptq_mod.UPDATE, gptq_mod.CHOLESKY, gptq_mod.CHOLESKY_BLOCK)
+    gen = torch.Generator(device=device).manual_seed(0)
+    try:
+        for label, B, R, C in shapes:
+            A = torch.randn(B, C, C // 4, device=device, generator=gen) / C ** 0.5
+            H = A @ A.mT  # rank C/4: the damping makes it definite, as with few routed tokens
+            H.diagonal(dim1=-2, dim2=-1).add_(torch.rand(B, C, device=device, generator=gen))
+            del A
+            W = (torch.randn(B, R, C, device=device, generator=gen) * 0.02).to(torch.bfloat16)
+            # the Cholesky alone: cuSOLVER (torch.linalg.cholesky_ex) vs blocked, and their difference
+            Hd = H + 0.01 * H.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] * torch.eye(C, device=device)
+            ref, t_ref = _timed(lambda: torch.linalg.cholesky_ex(Hd)[0])
+            chol = {"cuSOLVER": t_ref}
+            for nb in blocks:
+                L, t = _timed(lambda: gptq_mod._cholesky_blocked(Hd.clone(), nb)[0])
+                chol[f"blocked {nb}"] = t
+                chol[f"blocked {nb} rel diff"] = ((L - ref).norm() / ref.norm()).item()
+                del L
+            ref = Hd = None
+            log(f"  Cholesky {label} [{B}x{C}²]: " + ", ".join(f"{k} {v:.3g}" for k, v in chol.items()))
+            runs = {}
+            for name, (update, cholesky, nb) in SOLVE_VARIANTS.items():
+                gptq_mod.UPDATE, gptq_mod.CHOLESKY, gptq_mod.CHOLESKY_BLOCK = update, cholesky, nb
+                gptq_mod.gptq_quantize(W[:1, :256], H[:1], spec, scale_dtype=torch.bfloat16)  # warm-up
+                res, t = _timed(lambda: gptq_mod.gptq_quantize(W, H, spec, scale_dtype=torch.bfloat16))
+                runs[name] = (res, t)
+            (ref_res, _) = runs["previous (right, cuSOLVER)"]
+            ref_loss = gptq_mod.proxy_loss(W.float(), ref_res.weight, H)
+            for name, (res, t) in runs.items():
+                agree = (res.codes == ref_res.codes).float().mean().item()
+                loss = (gptq_mod.proxy_loss(W.float(), res.weight, H) / ref_loss).max().item()
+                rows.append(dict(shape=label, B=B, R=R, C=C, variant=name, seconds=t, codes_agree=agree,
+                                 loss_ratio_max=loss, **{f"chol {k}": v for k, v in chol.items()}))
+                log(f"  solve {label} [{B}x{R}x{C}] {name}: {t:.3f} s, codes agree {agree:.5f}, "
+                    f"proxy loss / previous ≤ {loss:.5f}")
+            runs = ref_res = W = H = None
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        gptq_mod.UPDATE, gptq_mod.CHOLESKY, gptq_mod.CHOLESKY_BLOCK = saved
+    return rows
+
+
+def markdown(meta: dict, cases: list[dict], baselines: list[dict], factors: list[dict], solves: list[dict]) -> str:
+    L = [f"device: {meta['device']}; torch {meta['torch']}; {meta['date']}; GPTQ update '{meta.get('update')}', "
+         f"Cholesky '{meta.get('cholesky')}' (block {meta.get('cholesky_block')})", f"command: `{meta['command']}`",
          f"calibration: {meta['samples']} x {meta['seq_len']} tokens, AGQ W4 g128, batch {meta['batch_size']}; "
-         "per-layer columns: mean over the MoE layers after the first (which also pays Triton's JIT compiles)", "",
+         "per-layer columns: mean over the MoE layers after the first (which also pays Triton's JIT compiles; the "
+         "re-run over those that have one: the last layer has none), s / MoE layer = their sum; stage seconds are "
+         "what the run waits for; the copies overlapped with them are listed apart", "",
          "| model (layers run) | E | wall s | s / MoE layer | " + " | ".join(STAGES) +
-         " | ms / expert linear | whole model s | GPU-s / expert linear (whole) | peak GiB (est.) | fp64 / damp x10 |",
-         "|---" * (9 + len(STAGES)) + "|"]
+         " | overlapped to GPU / back | ms / expert linear | whole model s | GPU-s / expert linear (whole) | "
+         "peak GiB (est.) | fp64 / damp x10 |",
+         "|---" * (10 + len(STAGES)) + "|"]
     for c in cases:
         kind = "measured" if c["whole_model_measured"] else "extrapolated"
+        sp = c["split_s"]
         L.append(f"| {c['case']} ({c['layers_run']}/{c['layers_total']}) | {c['experts']} | {c['wall_s']:.1f} | "
-                 f"{c['moe_layer_s']:.2f} | " + " | ".join(f"{c['split_s'][k]:.2f}" for k in STAGES) +
+                 f"{c['moe_layer_s']:.2f} | " + " | ".join(f"{sp[k]:.2f}" for k in STAGES) +
+                 f" | {sp['overlapped_load']:.2f} / {sp['overlapped_write']:.2f}"
                  f" | {c['per_expert_linear_s'] * 1e3:.1f} | {c['whole_model_s']:.0f} ({kind}) | "
                  f"{c['whole_per_expert_linear_s']:.4f} | {c['peak_gib']:.1f} ({c['estimated_gib']:.1f}) | "
                  f"{c['fp64_refactorisations']} / {c['damp_raised']} |")
     if baselines:
-        L += ["", "| one MoE layer | torch paths s | kernels s | ratio | torch split | kernels split |",
-              "|---|---|---|---|---|---|"]
+        L += ["", "Same-run baseline: one MoE layer, per-expert textbook GPTQ (Python column loop, Cholesky / inverse / "
+              "Cholesky, lazy update), per-expert fp32 torch Hessians, full forward in the capture, no overlap.", "",
+              "| one MoE layer | baseline s | ours s | speed-up | baseline split | ours split |", "|---|---|---|---|---|---|"]
         for b in baselines:
             sp = lambda d: " ".join(f"{k} {d[k]:.2f}" for k in STAGES)
-            L.append(f"| {b['case']} | {b['torch_s']:.2f} | {b['kernels_s']:.2f} | "
-                     f"{b['torch_s'] / b['kernels_s']:.1f}x | {sp(b['torch_split'])} | {sp(b['kernels_split'])} |")
+            ours = f"{b['ours_s']:.2f}" if b["ours_s"] else "–"
+            ratio = f"{b['baseline_s'] / b['ours_s']:.1f}x" if b["ours_s"] else "–"
+            L.append(f"| {b['case']} | {b['baseline_s']:.2f} | {ours} | {ratio} | {sp(b['baseline_split'])} | "
+                     f"{sp(b['ours_split']) if b['ours_split'] else '–'} |")
+    if solves:
+        L += ["", "GPTQ solve alone (W4 g128, bf16 scales, random Hessians; agreement and proxy loss against the "
+              "previous default):", "", "| shape | variant | s | vs previous | codes agree | proxy loss ratio (max) |",
+              "|---|---|---|---|---|---|"]
+        prev = {r["shape"]: r["seconds"] for r in solves if r["variant"].startswith("previous")}
+        for r in solves:
+            L.append(f"| {r['shape']} [{r['B']}x{r['R']}x{r['C']}] | {r['variant']} | {r['seconds']:.3f} | "
+                     f"{prev[r['shape']] / r['seconds']:.2f}x | {r['codes_agree']:.5f} | {r['loss_ratio_max']:.5f} |")
+        seen = set()
+        L += ["", "| Cholesky alone | " + " | ".join(k for k in solves[0] if k.startswith("chol ")) + " |",
+              "|---" * (1 + sum(k.startswith("chol ") for k in solves[0])) + "|"]
+        for r in solves:
+            if r["shape"] not in seen:
+                seen.add(r["shape"])
+                L.append(f"| {r['shape']} | " + " | ".join(f"{r[k]:.3g}" for k in r if k.startswith("chol ")) + " |")
     if factors:
         L += ["", "| H⁻¹ factor | B x C | " + " | ".join(f"{h} s" for h in gptq_mod.FACTORISATIONS) + " |",
               "|---|---|" + "---|" * len(gptq_mod.FACTORISATIONS)]
@@ -215,13 +348,18 @@ def markdown(meta: dict, cases: list[dict], baselines: list[dict], factors: list
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cases", default="mixtral-8x7b:3,qwen3-30b-a3b,deepseek-v2-lite",
-                    help="comma-separated name[:layers]; a bare name runs the whole model")
+    ap.add_argument("--cases", default="mixtral-8x7b:3,deepseek-v2-lite,qwen3-30b-a3b",
+                    help="comma-separated name[:layers]; a bare name runs the whole model; '' runs none")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--baseline", action="store_true", help="one layer per case with the torch paths, for the ratio")
+    ap.add_argument("--baseline", default="", help="comma-separated shape names: the same-run baseline layer of each")
+    ap.add_argument("--solve-bench", action="store_true", help="the GPTQ solve variants alone at Mixtral's shapes")
     ap.add_argument("--factor-bench", action="store_true")
+    ap.add_argument("--no-overlap", action="store_true", help="move layers without overlapping the compute")
+    ap.add_argument("--update", choices=gptq_mod.UPDATES, help="GPTQ catch-up rule (default: the package's)")
+    ap.add_argument("--cholesky", choices=gptq_mod.CHOLESKIES, help="Cholesky (default: the package's)")
+    ap.add_argument("--cholesky-block", type=int, help="columns per step of the blocked Cholesky")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -234,39 +372,47 @@ def main(argv=None):
         logf.write(msg + "\n")
         logf.flush()
 
+    gptq_mod.UPDATE = args.update or gptq_mod.UPDATE
+    gptq_mod.CHOLESKY = args.cholesky or gptq_mod.CHOLESKY
+    gptq_mod.CHOLESKY_BLOCK = args.cholesky_block or gptq_mod.CHOLESKY_BLOCK
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, date=datetime.date.today().isoformat(),
                 command="python benchmarks/bench_quantize.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size)
+                samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size, update=gptq_mod.UPDATE,
+                cholesky=gptq_mod.CHOLESKY, cholesky_block=gptq_mod.CHOLESKY_BLOCK)
     log(str(meta))
     cfg = QuantConfig(method="agq", bits=4, group_size=128, batch_size=args.batch_size, device="cuda")
-    cases, baselines, factors = [], [], []
+    cases, baselines, factors, solves = [], [], [], []
 
     def save():
         with open(os.path.join(args.out, "bench_quantize.json"), "w") as f:
-            json.dump(dict(meta=meta, cases=cases, baselines=baselines, factors=factors), f, indent=1)
+            json.dump(dict(meta=meta, cases=cases, baselines=baselines, factors=factors, solves=solves), f, indent=1)
         with open(os.path.join(args.out, "bench_quantize.md"), "w") as f:
-            f.write(markdown(meta, cases, baselines, factors) + "\n")
+            f.write(markdown(meta, cases, baselines, factors, solves) + "\n")
 
-    if args.factor_bench:  # and run the cases with the faster factorisation
-        factors = factor_bench(log)
-        gptq_mod.INVERSE_FACTOR = min(gptq_mod.FACTORISATIONS, key=lambda h: sum(f[h] for f in factors))
-        log(f"cases use the '{gptq_mod.INVERSE_FACTOR}' factorisation")
-        save()
-    meta["factorisation"] = gptq_mod.INVERSE_FACTOR
-    for spec in args.cases.split(","):
-        name, _, n = spec.partition(":")
+    def tokens_for(name):
         vocab = real_config(name, 1).vocab_size
-        tokens = torch.randint(3, vocab, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
-        cases.append(run_case(name, int(n) if n else None, tokens, case_config(name, cfg), log))
+        return torch.randint(3, vocab, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
+
+    if args.solve_bench:
+        solves = solve_bench(log)
         save()
-    if args.baseline:
-        for spec in args.cases.split(","):
-            name = spec.partition(":")[0]
-            vocab = real_config(name, 1).vocab_size
-            tokens = torch.randint(3, vocab, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
-            baselines.append(baseline_layer(name, tokens, case_config(name, cfg), log))
+    if args.factor_bench:
+        factors = factor_bench(log)
+        save()
+    want_baseline = list(filter(None, args.baseline.split(",")))
+    for spec in filter(None, args.cases.split(",")):
+        name, _, n = spec.partition(":")
+        cases.append(run_case(name, int(n) if n else None, tokens_for(name), case_config(name, cfg), log,
+                              overlap=False if args.no_overlap else None))
+        save()
+        if name in want_baseline:  # right after its case: the ratio is in the results even if the run is cut short
+            want_baseline.remove(name)
+            baselines.append(baseline_layer(name, tokens_for(name), case_config(name, cfg), log, cases[-1]))
             save()
-    log("\n" + markdown(meta, cases, baselines, factors))
+    for name in want_baseline:
+        baselines.append(baseline_layer(name, tokens_for(name), case_config(name, cfg), log, None))
+        save()
+    log("\n" + markdown(meta, cases, baselines, factors, solves))
 
 
 if __name__ == "__main__":

@@ -72,16 +72,62 @@ def load_layer_shards_into(model, layer_ids, path, index, qcfg):
     return packed
 
 
-def quantize(model: nn.Module, config: QuantConfig | None = None, *, tokenizer=None, calib_tokens=None,
+LOW_CPU_MEM_FRACTION = 0.8  # "auto": stream the layers when the weights exceed this share of the available RAM
+
+
+def open_model(path: str, low_cpu_mem: bool | str = "auto", dtype: torch.dtype | None = None, *,
+               copies: int = 1):
+    """A local HF model folder -> (model, layer source). moequant never downloads.
+
+    low_cpu_mem: True: a skeleton on the meta device whose decoder layers are read from the safetensors shards one
+    at a time during quantization (`moequant.streaming`; the source is returned, pass it on as `layer_source`);
+    False: the whole model in CPU memory (source None); "auto": streamed when the checkpoint's weights, times
+    `copies` (the caller's copies of the model), exceed 80% of the available RAM — the choice is logged.
+    dtype: the model's dtype (default: the checkpoint's, as from_pretrained's dtype="auto").
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from .streaming import available_ram, checkpoint_bytes, open_streamed
+
+    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"model folder {path!r} not found or has no config.json (moequant reads local folders "
+                                f"only)")
+    if low_cpu_mem not in (True, False, "auto"):
+        raise ValueError(f"low_cpu_mem must be True, False or 'auto', got {low_cpu_mem!r}")
+    if low_cpu_mem == "auto":
+        need, ram = checkpoint_bytes(path) * copies, available_ram()
+        low_cpu_mem = bool(ram) and need > LOW_CPU_MEM_FRACTION * ram
+        if low_cpu_mem:
+            log.warning(f"the model's weights ({need / 2**30:.1f} GiB{f' x {copies}' if copies > 1 else ''}) exceed "
+                        f"{LOW_CPU_MEM_FRACTION:.0%} of the available RAM ({ram / 2**30:.1f} GiB): its decoder layers "
+                        f"are read from the checkpoint one at a time (low_cpu_mem)")
+    if low_cpu_mem:
+        return open_streamed(path, dtype)
+    hf_logging.disable_progress_bar()  # our own progress bars are per layer; keep stderr for errors
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", local_files_only=True)
+    return model.eval(), None
+
+
+def quantize(model: nn.Module | str, config: QuantConfig | None = None, *, tokenizer=None, calib_tokens=None,
              output_dir: str | None = None, resume: bool = False, overwrite: bool = False, progress: bool = True,
-             sharding: Sharding | None = None, **overrides) -> QuantizationResult:
+             sharding: Sharding | None = None, low_cpu_mem: bool | str = "auto", layer_source=None,
+             **overrides) -> QuantizationResult:
     """Quantize a supported HF MoE model in place (layer by layer) and optionally write the checkpoint.
 
+    model: the model, or the path of a local HF folder (opened with `open_model(path, low_cpu_mem)`).
     config: a QuantConfig (or keyword overrides of its fields). calib_tokens: LongTensor [N, L] to calibrate on
     instead of text / EBSS. output_dir: where the checkpoint goes; resume=True continues an interrupted run there.
     sharding: this process's rank under torchrun (`moequant.distributed.init_from_env()`): experts are split across
     ranks, rank 0 makes the calibration tokens and writes the checkpoint; the result is bit-identical to one process.
+    layer_source: a `moequant.streaming.StreamedLayers` when the model's layers are on the meta device (what
+    `open_model(..., low_cpu_mem=True)` returns). Each layer is then read from the checkpoint just before it is
+    quantized and released once written: CPU RAM holds the embeddings and head and about one layer. The result's
+    model keeps no layer weights, and its packed weights are only in the checkpoint when output_dir is given (load
+    it with `moequant.load`). Needs text or given calibration tokens (EBSS and the rotation need the whole model).
     """
+    if isinstance(model, (str, os.PathLike)):
+        model, layer_source = open_model(str(model), low_cpu_mem)
     cfg = config or QuantConfig(**overrides)
     sharding = sharding or Sharding()
     lead = sharding.rank == 0
@@ -90,6 +136,14 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, tokenizer=N
         for p in (b.experts.gate_up_proj, b.experts.down_proj):
             cfg.spec.group_of(p.shape[-1])  # group size must divide every input dim: fail before any work
     model.eval()
+    streamed = layer_source is not None
+    if streamed and cfg.rotate:
+        raise ValueError("the Hadamard rotation changes every layer at once and needs the whole model in memory; "
+                         "quantize without rotate, or without low_cpu_mem (--low-cpu-mem off)")
+    if streamed and cfg.method == "moequant" and calib_tokens is None and not resume:
+        raise ValueError("EBSS (method 'moequant') generates calibration text with the whole model, which streaming "
+                         "layer by layer does not hold: use --method agq (text calibration), give calibration tokens, "
+                         "or quantize without low_cpu_mem")
 
     if cfg.rotate == "hadamard":  # the rotated model is the same function; its weights quantize better.
         from .rotate import rotate_model  # seeded, so a resumed run rotates identically
@@ -102,7 +156,9 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, tokenizer=N
         prog = _check_resume(cfg, output_dir)
         tokens, calib = _read_calibration(output_dir), prog["calibration"]
         start, prior_layers = len(prog["layers_done"]), prog["layers"]
-        prior_packed = load_layer_shards_into(model, prog["layers_done"], output_dir, prog["sha256"], cfg.to_dict())
+        if not streamed:
+            prior_packed = load_layer_shards_into(model, prog["layers_done"], output_dir, prog["sha256"],
+                                                  cfg.to_dict())
         log.info(f"resuming {output_dir} after layer {start - 1}")
     else:
         if cfg.method == "rtn":
@@ -127,13 +183,20 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, tokenizer=N
         inputs = capture_layer_inputs(adapter, tokens.split(cfg.batch_size), device)
         with torch.no_grad():
             for i in range(start):
+                if streamed:  # the float layer from the source, then its quantized values from the output shard
+                    layer_source.load(i)
+                    load_layer_shards_into(model, [i], output_dir, prog["sha256"], cfg.to_dict())
                 layer = adapter.layers[i].to(device)
                 inputs = [(_layer_out(layer(h, **kw)), kw) for h, kw in inputs]
                 layer.to("cpu")
+                if streamed:
+                    layer_source.release(i)
 
     writer = None if output_dir is None or not lead else _LayerWriter(model, output_dir, cfg, calib, prior_layers)
+    keep_packed = not (streamed and output_dir is not None)  # streamed into a checkpoint: RAM keeps no layer
     result = quantize_model(model, cfg, tokens, progress=progress, start_layer=start, layer_inputs=inputs,
-                            on_layer_done=writer, sharding=sharding)
+                            on_layer_done=writer, sharding=sharding, layer_source=layer_source,
+                            keep_packed=keep_packed)
     result.packed = {**prior_packed, **result.packed}
     result.layers = prior_layers + result.layers
     result.calibration = calib
@@ -174,7 +237,8 @@ def _fresh_output(out: str, overwrite: bool) -> None:
 
 
 class _LayerWriter:
-    """Persists each finished layer (its shard, then progress.json): the resume point."""
+    """Persists each finished layer (its shard, then progress.json): the resume point. Called by the pipeline (on a
+    worker thread on CUDA) with the layer's packed weights and its other tensors (`state`), in CPU memory."""
 
     def __init__(self, model, out, cfg, calib, prior_layers):
         self.model, self.out, self.cfg, self.calib = model, out, cfg, calib
@@ -182,9 +246,8 @@ class _LayerWriter:
         prog_path = os.path.join(out, ck.PROGRESS)
         self.sha = ck.read_json(prog_path)["sha256"] if os.path.isfile(prog_path) else {}
 
-    def __call__(self, i, packed, meta, _inputs):
+    def __call__(self, i, packed, meta, state):
         adapter = get_adapter(self.model)
-        state = adapter.layers[i].state_dict(prefix=adapter.layer_prefix(i) + ".")
         shard = ck.layer_shard(i)
         path = os.path.join(self.out, shard)
         ck.write_tensors(path, ck.layer_tensors(state, adapter.layer_prefix(i), packed))

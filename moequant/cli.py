@@ -35,6 +35,23 @@ def load_hf_model(path: str, dtype: str = "auto"):
     return model.eval(), tok
 
 
+def load_model_for_quantization(path: str, dtype: str = "auto", low_cpu_mem="auto", copies: int = 1):
+    """(model, tokenizer or None, layer source or None): the whole model, or (low_cpu_mem) a skeleton whose layers
+    the pipeline reads from the checkpoint one at a time (`moequant.api.open_model`)."""
+    from transformers import AutoTokenizer
+
+    from .api import open_model
+
+    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
+        raise CLIError(f"model folder {path!r} not found or has no config.json (moequant reads local folders only)")
+    model, source = open_model(path, low_cpu_mem, DTYPES[dtype], copies=copies)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError):
+        tok = None
+    return model, tok, source
+
+
 def load_tokenizer(path):
     from transformers import AutoTokenizer
 
@@ -71,11 +88,17 @@ def cmd_quantize(a) -> int:
     lead = sharding.rank == 0
     if sharding.distributed and cfg.device in (None, "cuda") and torch.cuda.is_available():
         cfg.device = f"cuda:{torch.cuda.current_device()}"
-    model, tok = load_hf_model(a.model, a.dtype)
+    low = {"auto": "auto", "on": True, "off": False}[a.low_cpu_mem]
+    model, tok, source = load_model_for_quantization(a.model, a.dtype, low, copies=1 if a.no_eval else 2)
     if a.tokenizer:
         tok = load_tokenizer(a.tokenizer)
     out = a.out or os.path.join("out", os.path.basename(os.path.normpath(a.model)) + f"-{a.method}-w{a.bits}")
     windows = None
+    if source is not None and not a.no_eval and lead:
+        print("moequant: the layers are read from the checkpoint one at a time (--low-cpu-mem), so the before/after "
+              f"evaluation (which needs the float model in memory) is skipped; afterwards run: moequant eval {out} "
+              f"--ref {a.model}", file=sys.stderr)
+        a.no_eval = True
     if not a.no_eval and lead:
         if tok is None:
             raise CLIError("evaluation needs a tokenizer (the model folder has none): pass --tokenizer or --no-eval")
@@ -84,7 +107,7 @@ def cmd_quantize(a) -> int:
         ref = copy.deepcopy(model)
     t0 = time.perf_counter()
     result = quantize(model, cfg, tokenizer=tok, output_dir=out, resume=a.resume, overwrite=a.overwrite,
-                      progress=not a.quiet, sharding=sharding)
+                      progress=not a.quiet, sharding=sharding, layer_source=source)
     seconds = time.perf_counter() - t0
     if not lead:
         return 0
@@ -187,6 +210,10 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--expert-chunk", type=int, default=0, help="experts solved together (0: automatic)")
     q.add_argument("--no-memory-check", action="store_true", help="skip the up-front GPU memory check")
     q.add_argument("--gptq-backend", default="auto", choices=["auto", "torch", "triton"])
+    q.add_argument("--low-cpu-mem", default="auto", choices=["auto", "on", "off"],
+                   help="read the decoder layers from the checkpoint's safetensors shards one at a time, so CPU RAM "
+                        "holds about one layer plus the embeddings (auto: when the weights, twice over with the "
+                        "before/after evaluation, exceed 80%% of the available RAM)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     q.add_argument("--dtype", default="auto", choices=list(DTYPES))

@@ -2,17 +2,25 @@
 
 Only the current decoder layer and its calibration inputs live on the accelerator (the inputs may instead stay in
 pinned CPU memory and stream over batch by batch: `offload_activations`). For each layer:
-  load      move the layer to the accelerator
-  capture   run the layer on its inputs with hooks that accumulate, per linear, the Hessian its solve needs;
+  load      put the layer on the accelerator (on CUDA: wait for the copy prefetched while the last layer computed)
+  capture   run the layer on its inputs with hooks that accumulate, per linear, the Hessian its solve needs (the
+            routed experts' own forward is skipped: their Hessians come from their inputs, and this pass's output
+            is not used);
   hessian   (timed inside capture) for MoE blocks a pre-hook on the fused experts sees (hidden, top_k_index,
             top_k_weights) — the affinities the model itself applies — and accumulates per-expert Hessians of the
             gate_up and down inputs (one kernel per batch on CUDA)
   solve     GPTQ batched over a chunk of experts (and per dense linear); RTN for method=rtn
   write     write the dequantized packed weights back into the layer (and, across ranks, exchange them first), then
-            persist the layer: its packed weights to the CPU / the checkpoint (the resume point)
+            hand the layer to the persister: packed weights (and the quantized layer) back to CPU memory and the
+            checkpoint (the resume point); on CUDA the copies and the checkpoint write run in the background
   rerun     run the quantized layer on the same inputs: the next layer's inputs see quantized weights
-Each stage's seconds, the layer's peak GPU memory and the up-front estimate of it go into the layer's metadata; the
-split is printed at the end of the run.
+Each stage's seconds (of the main thread: what the run waits for), the background seconds, the layer's peak GPU
+memory and the up-front estimate of it go into the layer's metadata; the split is printed at the end of the run.
+
+Overlap on CUDA (`LayerLoader`, `LayerPersister`): layer i+1 is copied to the GPU (pinned staging, side stream,
+worker thread) and layer i-1 copied back (side stream into pinned staging, worker thread) while layer i computes.
+Events order the streams; the GPU holds up to three layers' weights at once, which the memory plan checks first.
+The layers may also come straight from the checkpoint's shards (`moequant.streaming`), for models larger than CPU RAM.
 
 Across processes (`moequant.distributed`) each rank accumulates and solves its own share of the layer's units
 (expert chunks, dense linears) and the results are exchanged before the write-back; the one-process run is the
@@ -25,6 +33,7 @@ import math
 import sys
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -39,10 +48,13 @@ from .packing import PackedWeight, dequantize
 from .quant.gptq import gptq_quantize, gptq_workspace_bytes
 from .quant.hessian import dense_hessian_, expert_hessians
 from .quant.quantizer import rtn, to_packed
+from .streaming import put_tensor
 
 log = logging.getLogger("moequant")
 
 STAGES = ("load", "capture", "hessian", "solve", "write", "rerun")
+# Seconds spent in the background threads (overlapped with the stages above; not part of a layer's time).
+OVERLAPPED = ("overlapped_load", "overlapped_write")
 LINEAR_TARGETS = ("attn", "dense", "shared", "router")
 GiB = 1 << 30
 
@@ -60,6 +72,7 @@ class QuantizationResult:
     calibration: dict = field(default_factory=dict)
 
     def times(self) -> dict[str, float]:
+        """Seconds per stage over all layers (and the overlapped background seconds, `OVERLAPPED`)."""
         tot = defaultdict(float)
         for m in self.layers:
             for k, v in m["times"].items():
@@ -72,12 +85,14 @@ def _is_cuda(device) -> bool:
 
 
 def _sync(device):
+    """Wait for the work queued on the current (compute) stream; transfers on the side streams go on."""
     if _is_cuda(device):
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
 
 
 class _StageClock:
-    """Wall seconds per stage; synchronises the GPU at each boundary so that work lands in the stage that queued it."""
+    """Wall seconds per stage; synchronises the compute stream at each boundary so that work lands in the stage that
+    queued it (the background transfers of `LayerLoader` / `LayerPersister` are not waited for)."""
 
     def __init__(self, device):
         self.device = device
@@ -167,27 +182,236 @@ def _layer_out(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-class _OnDevice:
-    """A module's tensors moved to the accelerator, and later copied back into the CPU memory they came from.
+# -- moving layers: prefetch onto the accelerator, write back in the background --------------------------------------
 
-    Copying into memory that is already paged in avoids allocating (and faulting in) a fresh copy of the layer on
-    every return trip, the slow part of `module.to("cpu")` (measured ~1 GB/s for a fresh copy on the H100 host).
+@dataclass
+class _Slot:
+    """One tensor of a layer: its owner, where it lives in CPU memory (None when streamed), its accelerator copy."""
+
+    name: str  # full name, e.g. model.layers.3.mlp.experts.down_proj
+    mod: nn.Module
+    attr: str
+    is_param: bool
+    persistent: bool
+    home: torch.Tensor | None = None
+    dev: torch.Tensor | None = None
+
+    def current(self) -> torch.Tensor:
+        return self.mod._parameters[self.attr] if self.is_param else self.mod._buffers[self.attr]
+
+
+def _layer_slots(layer: nn.Module, prefix: str) -> list[_Slot]:
+    out = []
+    for mname, mod in layer.named_modules():
+        full = f"{prefix}.{mname}." if mname else f"{prefix}."
+        out += [_Slot(full + n, mod, n, True, True) for n, p in mod._parameters.items() if p is not None]
+        out += [_Slot(full + n, mod, n, False, n not in mod._non_persistent_buffers_set)
+                for n, b in mod._buffers.items() if b is not None]
+    return out
+
+
+def _pinned_empty(shape, dtype) -> torch.Tensor:
+    """Page-locked CPU memory: DMA to and from the GPU without a bounce buffer, so copies can be asynchronous."""
+    return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+
+class _PinnedPool:
+    """Staging buffers in page-locked memory, allocated once and reused by every layer.
+
+    Pinning is slow (about 1-2 GB/s) and holds the driver's lock, which stalls the compute thread's launches: measured
+    on the H100, a layer whose prefetch had to pin 2.8 GB of fresh staging took 1.7 s longer in its Hessian stage.
+    PyTorch's host allocator caches freed blocks too, but the loader and the write-back thread then take each other's
+    blocks and pin more; a pool per direction settles after the first layer. Buffers are keyed (one per tensor of a
+    layer) and grow when a later layer needs more (DeepSeek's dense first layer vs its MoE layers).
     """
 
-    def __init__(self, module: nn.Module, device):
-        self.saved = []
-        if torch.device(device).type == "cpu":
-            return
-        for t in list(module.parameters()) + list(module.buffers()):
-            self.saved.append((t, t.data))
-            t.data = t.data.to(device)
+    def __init__(self):
+        self.buffers: dict = {}
 
-    def back(self):
-        for t, cpu in self.saved:
-            cpu.copy_(t.data)
-            t.data = cpu
-        self.saved = []
+    def get(self, key, shape, dtype) -> torch.Tensor:
+        n = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < n:
+            buf = self.buffers[key] = _pinned_empty((max(n, 1),), torch.uint8)
+        return buf[:n].view(dtype).view(shape)
 
+
+class InMemoryLayers:
+    """The default layer source: the model's layers are in CPU memory already and get the quantized values back."""
+
+    streamed = False
+
+    def fill(self, name, dst):  # pragma: no cover - every tensor is resident
+        raise RuntimeError(f"{name} is on the meta device; a model with meta tensors needs a streamed layer source")
+
+
+class LayerLoader:
+    """Puts layer i's tensors on the accelerator. On CUDA the next layer is copied (pageable or checkpoint → pinned
+    staging → GPU, on a side stream, from a background thread) while the current one computes: `prefetch(i + 1)`,
+    then `take(i + 1)` only waits for what is left of the copy. Streamed layers are read from the checkpoint here."""
+
+    def __init__(self, adapter: ModelAdapter, device, source, prefetch: bool):
+        self.adapter, self.device, self.source = adapter, torch.device(device), source
+        self.cuda = self.device.type == "cuda"
+        self.prefetching = prefetch
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="moequant-load") if self.prefetching else None
+        self.pending = None  # (layer index, future)
+        self.staging = _PinnedPool()
+        self.last_copy = None  # event: the previous layer's copies out of `staging` are done
+
+    @torch.no_grad()  # grad mode is per thread: the worker's must be off too
+    def _load(self, i: int):
+        t0 = time.perf_counter()
+        slots = _layer_slots(self.adapter.layers[i], self.adapter.layer_prefix(i))
+        if self.cuda:
+            torch.cuda.set_device(self.device)
+            if self.last_copy is not None:  # the staging buffers are about to be refilled
+                self.last_copy.synchronize()
+        for j, s in enumerate(slots):
+            cur = s.current()
+            streamed = cur.device.type == "meta"
+            s.home = None if streamed else cur.data  # the CPU memory itself (the parameter object will move)
+            if not self.cuda:
+                s.dev = self.source.fill(s.name, torch.empty(cur.shape, dtype=cur.dtype)) if streamed else s.home
+                continue
+            staging = self.staging.get(j, cur.shape, cur.dtype)
+            self.source.fill(s.name, staging) if streamed else staging.copy_(cur)
+            with torch.cuda.stream(self.stream):  # allocated for, and copied on, the side stream
+                s.dev = torch.empty(cur.shape, dtype=cur.dtype, device=self.device)
+                s.dev.copy_(staging, non_blocking=True)
+        event = None
+        if self.cuda:
+            event = self.last_copy = torch.cuda.Event()
+            event.record(self.stream)
+        return slots, event, time.perf_counter() - t0
+
+    def prefetch(self, i: int) -> None:
+        if self.prefetching and i < len(self.adapter.layers) and self.pending is None:
+            self.pending = (i, self.pool.submit(self._load, i))
+
+    def take(self, i: int) -> tuple[list[_Slot], float]:
+        """Layer i's tensors on the accelerator (the layer's parameters now point there); and the seconds spent
+        copying them (in the background when prefetched)."""
+        if self.pending is not None and self.pending[0] == i:
+            slots, event, seconds = self.pending[1].result()
+            self.pending = None
+        else:
+            slots, event, seconds = self._load(i)
+        if event is not None:
+            main = torch.cuda.current_stream(self.device)
+            main.wait_event(event)
+            for s in slots:
+                s.dev.record_stream(main)  # freed later: not reused before the compute stream is done with it
+        for s in slots:
+            if s.dev is not s.current():
+                put_tensor(s.mod, s.attr, s.is_param, s.dev)
+        return slots, seconds
+
+    def close(self) -> None:
+        if self.pending is not None:
+            self.pending[1].result()
+            self.pending = None
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
+class LayerPersister:
+    """Takes a finished layer off the accelerator: packed weights (and, for a model in CPU memory, the quantized
+    layer) go back to CPU memory, then `on_layer_done(i, packed, meta, state)` runs (the checkpoint writer).
+
+    On CUDA this happens in the background, while the next layer computes: a worker thread queues the copies on a
+    side stream behind an event that marks the end of the layer's compute — the packed weights into pinned staging
+    buffers (then into fresh pageable memory), the layer's quantized weights straight into the model's own CPU
+    tensors — waits for them and calls `on_layer_done`. At most one layer is in flight; `drain()` waits for it and
+    re-raises its errors. A streamed layer is released (meta device) at once: only its packed weights and the
+    tensors stored unquantized (norms, router, ...) are copied.
+    """
+
+    def __init__(self, device, on_layer_done, result, keep_packed: bool, background: bool):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.on_layer_done, self.result, self.keep_packed = on_layer_done, result, keep_packed
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="moequant-write") if background else None
+        self.pending = None
+        self.staging = _PinnedPool()  # used by one job at a time (jobs run one after the other)
+
+    def submit(self, i: int, slots: list[_Slot], packed: dict[str, PackedWeight], meta: dict, lead: bool) -> None:
+        quantized = set(packed)
+        stored_packed = lambda n: n in quantized or (n.endswith(".weight") and n[: -len(".weight")] in quantized)
+        copies = []  # (device tensor, CPU destination or None, name for the state or None)
+        for s in slots:
+            keep = s.persistent and not stored_packed(s.name)
+            if s.home is not None:  # the model's own CPU tensor gets the quantized values back
+                if s.dev is not s.home:
+                    copies.append((s.dev, s.home, None))
+                    put_tensor(s.mod, s.attr, s.is_param, s.home)
+            else:  # streamed: released now; what the checkpoint stores unquantized is copied first
+                if keep:
+                    copies.append((s.dev, None, s.name))
+                put_tensor(s.mod, s.attr, s.is_param, torch.empty(s.dev.shape, dtype=s.dev.dtype, device="meta"))
+        state_from_home = {s.name: s.home for s in slots if s.home is not None and s.persistent}
+        packed = packed if lead else {}
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+        job = (i, event, copies, packed, meta, state_from_home, lead)
+        self.drain()
+        if self.pool is not None:
+            self.pending = self.pool.submit(self._run, *job)
+        else:
+            self._run(*job)
+
+    @torch.no_grad()  # grad mode is per thread: the worker's must be off too
+    def _run(self, i, event, copies, packed, meta, state, lead):
+        t0 = time.perf_counter()
+        fields = ("qweight", "scales", "qzeros", "g_idx")
+        flat = [getattr(p, f) for p in packed.values() for f in fields if getattr(p, f) is not None]
+        if self.cuda:
+            torch.cuda.set_device(self.device)
+            with torch.cuda.stream(self.stream):
+                self.stream.wait_event(event)
+                stage = lambda key, t: self.staging.get(key, t.shape, t.dtype).copy_(t, non_blocking=True)
+                staged_packed = [stage(("packed", j), t) for j, t in enumerate(flat)]
+                staged = [None if home is not None else stage(("state", j), d) for j, (d, home, _) in
+                          enumerate(copies)]
+                for d, home, _ in copies:  # the model's own (pageable) memory: a plain copy, this thread waits
+                    if home is not None:
+                        home.copy_(d)
+            self.stream.synchronize()
+            pageable = lambda t: torch.empty(t.shape, dtype=t.dtype).copy_(t)
+        else:
+            staged, staged_packed = [d for d, _, _ in copies], flat
+            pageable = lambda t: t
+        for (_, home, name), t in zip(copies, staged):
+            if home is None:
+                state[name] = pageable(t)
+            elif not self.cuda:
+                home.copy_(t)
+        it = iter(pageable(t) for t in staged_packed)
+        cpu = {k: PackedWeight(*(next(it) if getattr(p, f) is not None else None for f in fields), p.bits,
+                               p.group_size) for k, p in packed.items()}
+        del copies, staged, staged_packed, flat  # the accelerator copies can go
+        if self.keep_packed:
+            self.result.packed.update(cpu)
+        if self.pool is not None:
+            meta["times"]["overlapped_write"] = time.perf_counter() - t0
+        if self.on_layer_done is not None and lead:
+            self.on_layer_done(i, cpu, meta, state)
+
+    def drain(self) -> None:
+        if self.pending is not None:
+            fut, self.pending = self.pending, None
+            fut.result()
+
+    def close(self) -> None:
+        try:
+            self.drain()
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True)
 
 # -- capture: Hessians from hooks ---------------------------------------------------------------------------------
 
@@ -244,10 +468,29 @@ def _scaled_rows(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
     """Rows x_i·√c_i (MOEQUANT.md), so that Σ c_i x_i x_iᵀ is a Gram matrix of the rows actually summed: positive
     semi-definite whatever the rounding. Weighting one operand only (Σ round(c_i x_i) x_iᵀ) is not, and a Hessian
     dominated by a few large directions (outlier features) then turns indefinite at λ = 1% (measured on the H100:
-    44 of 12288 Qwen3-30B-A3B-shaped expert Hessians had to have their damping raised)."""
+    44 of 12288 Qwen3-30B-A3B-shaped expert Hessians had to have their damping raised).
+    One pass: the product is formed in fp32 and rounded once into x's dtype (= (x.float() * √c).to(x.dtype))."""
     if w is None:
         return x
-    return (x.float() * w.float().sqrt()).to(x.dtype)
+    return torch.mul(x, w.float().sqrt(), out=torch.empty_like(x))
+
+
+SKIP_ROUTED_EXPERTS = True  # skip the routed experts' forward in the capture pass (see below)
+
+
+@contextmanager
+def routed_experts_skipped(block: MoEBlock | None):
+    """The capture pass throws the layer's output away (the re-run recomputes it with quantized weights), and nothing
+    after the routed experts in a decoder layer needs a Hessian: their own forward is skipped (it returns zeros).
+    The experts' pre-hook still sees their inputs, top-k ids and weights; their Hessians are unchanged."""
+    if block is None or not SKIP_ROUTED_EXPERTS:
+        yield
+        return
+    block.experts.forward = lambda hidden_states, *args, **kwargs: torch.zeros_like(hidden_states)
+    try:
+        yield
+    finally:
+        del block.experts.forward
 
 
 class LayerCollector:
@@ -461,8 +704,11 @@ def write_back(layer: nn.Module, prefix: str, units: list[SolveUnit], solved: di
                     continue
                 a, _ = unit.experts
                 W = layer.get_parameter(name)
-                for j in range(p.qweight.shape[0]):  # one expert at a time: unpacking is int64-heavy
-                    W.data[a + j].copy_(dequantize(_index(p, j), W.dtype))
+                E, R, C = p.qweight.shape[0], p.out_features, p.in_features
+                step = max(1, (1 << 27) // (R * C))  # experts at a time: unpacking makes int64 [step, C, R]
+                for j in range(0, E, step):
+                    k = min(j + step, E)
+                    W.data[a + j:a + k].copy_(dequantize(_slice(p, j, k), W.dtype))
                 chunks[name].append((p, rec))
     block = adapter.moe_block(layer)
     for name, parts in chunks.items():
@@ -478,6 +724,11 @@ def write_back(layer: nn.Module, prefix: str, units: list[SolveUnit], solved: di
         meta["experts"][name.rsplit(".", 1)[-1]] = out
     assert block is not None or not chunks
     return packed, meta
+
+
+def _slice(p: PackedWeight, a: int, b: int) -> PackedWeight:
+    ix = lambda t: None if t is None else t[a:b]
+    return PackedWeight(p.qweight[a:b], p.scales[a:b], ix(p.qzeros), ix(p.g_idx), p.bits, p.group_size)
 
 
 def _index(p: PackedWeight, j: int) -> PackedWeight:
@@ -579,8 +830,7 @@ def plan_memory(adapter: ModelAdapter, cfg: QuantConfig, *, num_tokens: int, bat
     want = cfg.offload_activations
     if not _is_cuda(device) or not layers:
         return want == "on", estimates(want == "on") if layers else []
-    dev = torch.device(device)  # free: the driver's, plus what PyTorch's allocator holds cached but unused
-    free = torch.cuda.mem_get_info(dev)[0] + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev) - GiB
+    free = _free_bytes(device)
     fits = lambda est: max(e["peak"] for e in est) <= free
     plain = estimates(want == "on")
     if want == "auto" and not fits(plain):
@@ -649,20 +899,39 @@ def _replace(cfg: QuantConfig, **kw) -> QuantConfig:
 
 # -- the loop -----------------------------------------------------------------------------------------------------
 
+def _free_bytes(device) -> int:
+    """Free accelerator bytes: the driver's, plus what PyTorch's allocator holds cached but unused, less 1 GiB."""
+    dev = torch.device(device)
+    return torch.cuda.mem_get_info(dev)[0] + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev) - GiB
+
+
 def quantize_model(model: nn.Module, cfg: QuantConfig, calib_tokens: torch.Tensor | None, *, progress: bool = True,
                    start_layer: int = 0, layer_inputs=None, on_layer_done=None,
-                   sharding: Sharding | None = None) -> QuantizationResult:
+                   sharding: Sharding | None = None, layer_source=None, overlap: bool | None = None,
+                   keep_packed: bool = True, end_layer: int | None = None) -> QuantizationResult:
     """The layer-by-layer loop. `calib_tokens` LongTensor [N, L] (unused for rtn).
 
     sharding: this process's place among torchrun ranks (moequant.distributed.init_from_env); None = one process.
     In a distributed run every rank calls this with the same model and tokens; rank 0 alone calls `on_layer_done`
     and keeps the packed weights in the result.
+    on_layer_done(i, packed, meta, state): called once layer i is finished, with its packed weights and the rest of
+    its tensors (`state`, by full name), all in CPU memory. With overlap it runs on a worker thread, one layer at a
+    time and in order; the loop waits for the last one before it returns.
+    layer_source: where the layers' tensors come from: None, the model itself (in CPU memory); or a
+    `moequant.streaming.StreamedLayers` for a model whose layers are on the meta device, read from the checkpoint
+    one at a time and released (back to meta) once written. The result's model then holds no layer weights.
+    overlap: on CUDA, prefetch the next layer onto the GPU and copy finished layers back in the background while the
+    current one computes (None: whenever the memory plan leaves room for two more layers' weights). On CPU it is off
+    unless asked for (True: streamed layers are read and finished layers written by worker threads).
+    keep_packed: keep every layer's packed weights in the result (False: only `on_layer_done` sees them).
+    end_layer: stop before this layer (benchmarks: time some layers of a model, each with its re-run).
     """
     adapter = get_adapter(model)
     sharding = sharding or Sharding()
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    source = layer_source or InMemoryLayers()
     result = QuantizationResult(model, {}, cfg)
     model.eval()
     needs_data = cfg.method != "rtn"
@@ -672,59 +941,34 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calib_tokens: torch.Tenso
     seq = calib_tokens.shape[1] if calib_tokens is not None else 0
     offload, estimates = plan_memory(adapter, cfg, num_tokens=n_tokens, batch_tokens=cfg.batch_size * seq,
                                      device=device, sharding=sharding, start_layer=start_layer)
-    inputs = None
-    if needs_data:
-        raw = layer_inputs if layer_inputs is not None else capture_layer_inputs(
-            adapter, calib_tokens.split(cfg.batch_size), device, offload=offload)
-        inputs = LayerInputs(raw, device, offload)
-    bar = tqdm(range(start_layer, len(layers)), desc=f"quantize ({cfg.method}, W{cfg.bits})",
-               disable=not progress or sharding.rank != 0, unit="layer")
-    for i in bar:
-        layer, prefix = layers[i], adapter.layer_prefix(i)
-        clock = _StageClock(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        with clock("load"):
-            resident = _OnDevice(layer, device)
-        units = solve_units(layer, adapter, cfg, sharding.world_size)
-        mine = [u for u in units if sharding.mine(u.index)]
-
-        collector = None
-        if needs_data:  # 1 capture: hooks accumulate this rank's Hessians (2) as the layer runs on its inputs
-            owned_experts = [j for u in mine if u.experts for j in range(*u.experts)]
-            collector = LayerCollector(layer, adapter, cfg, device, owned_experts=owned_experts,
-                                       owned_linears={u.linear for u in mine if u.linear})
-            with clock("capture"), torch.no_grad():
-                for hidden, kw in inputs:
-                    layer(hidden, **kw)
-            collector.remove()
-            clock.times["capture"] -= collector.hessian_seconds
-            clock.times["hessian"] = collector.hessian_seconds
-
-        with clock("solve"):  # 3 solve this rank's units
-            solved = {u.index: solve_unit(layer, prefix, u, collector, adapter, cfg) for u in mine}
-            del collector
-
-        with clock("write"):  # 4 exchange between ranks, write the quantized weights back into the layer
-            solved = sharding.exchange(solved, len(units))
-            packed, meta = write_back(layer, prefix, units, solved, adapter)
-            del solved
-
-        if needs_data and i + 1 < len(layers):  # 5 re-run: the next layer sees this layer's quantized outputs
-            with clock("rerun"), torch.no_grad():
-                inputs.advance(layer)
-
-        with clock("write"):  # 6 persist: the layer and its packed weights back to the CPU, the checkpoint
-            resident.back()
-            packed = {k: p.to("cpu") for k, p in packed.items()} if sharding.rank == 0 else {}
-            meta = {"layer": i, **meta, "times": clock.times, "offload_activations": offload,
-                    "estimated_gpu_bytes": estimates[i - start_layer]["peak"]}
-            if device.type == "cuda":
-                meta["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
-            result.packed.update(packed)
-            result.layers.append(meta)
-            if on_layer_done is not None and sharding.rank == 0:
-                on_layer_done(i, packed, meta, inputs)
+    if device.type != "cuda":
+        overlap = bool(overlap)  # on CPU only when asked (worker threads, no copies to overlap)
+    elif estimates:
+        room = _free_bytes(device) - max(e["peak"] for e in estimates) - 2 * max(e["weights"] for e in estimates)
+        if overlap is None:
+            overlap = room >= 0 or not cfg.memory_check
+            if not overlap:
+                log.info("no GPU memory left for two more layers' weights: layers are moved on and off the GPU "
+                         "without overlapping the compute")
+    extra = 2 * max((e["weights"] for e in estimates), default=0) if overlap else 0  # prefetched + being written
+    loader = LayerLoader(adapter, device, source, prefetch=bool(overlap))
+    persister = LayerPersister(device, on_layer_done, result, keep_packed, background=bool(overlap))
+    try:
+        loader.prefetch(start_layer)  # the first layer's copy overlaps the embedding forward
+        inputs = None
+        if needs_data:
+            raw = layer_inputs if layer_inputs is not None else capture_layer_inputs(
+                adapter, calib_tokens.split(cfg.batch_size), device, offload=offload)
+            inputs = LayerInputs(raw, device, offload)
+        bar = tqdm(range(start_layer, end_layer or len(layers)), desc=f"quantize ({cfg.method}, W{cfg.bits})",
+                   disable=not progress or sharding.rank != 0, unit="layer")
+        for i in bar:
+            _quantize_one_layer(i, adapter, cfg, device, sharding, inputs, loader, persister, result,
+                                offload, estimates[i - start_layer]["peak"] + extra, overlap=bool(overlap))
+        persister.drain()
+    finally:
+        loader.close()
+        persister.close()
     for name, child in adapter.backbone.named_children():
         if name != "layers":
             child.to("cpu")
@@ -736,18 +980,71 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calib_tokens: torch.Tenso
     return result
 
 
+def _quantize_one_layer(i, adapter, cfg, device, sharding, inputs, loader, persister, result, offload, estimate,
+                        overlap):
+    layers, needs_data = adapter.layers, cfg.method != "rtn"
+    prefix = adapter.layer_prefix(i)
+    clock = _StageClock(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with clock("load"):  # 0 the layer on the accelerator (prefetched while the previous layer computed)
+        slots, load_seconds = loader.take(i)
+    loader.prefetch(i + 1)
+    layer = layers[i]
+    units = solve_units(layer, adapter, cfg, sharding.world_size)
+    mine = [u for u in units if sharding.mine(u.index)]
+
+    collector = None
+    if needs_data:  # 1 capture: hooks accumulate this rank's Hessians (2) as the layer runs on its inputs
+        owned_experts = [j for u in mine if u.experts for j in range(*u.experts)]
+        collector = LayerCollector(layer, adapter, cfg, device, owned_experts=owned_experts,
+                                   owned_linears={u.linear for u in mine if u.linear})
+        with clock("capture"), torch.no_grad(), routed_experts_skipped(adapter.moe_block(layer)):
+            for hidden, kw in inputs:
+                layer(hidden, **kw)
+        collector.remove()
+        clock.times["capture"] -= collector.hessian_seconds
+        clock.times["hessian"] = collector.hessian_seconds
+
+    with clock("solve"):  # 3 solve this rank's units
+        solved = {u.index: solve_unit(layer, prefix, u, collector, adapter, cfg) for u in mine}
+        del collector
+
+    with clock("write"):  # 4 exchange between ranks, write the quantized weights back into the layer
+        solved = sharding.exchange(solved, len(units))
+        packed, meta = write_back(layer, prefix, units, solved, adapter)
+        del solved
+
+    if needs_data and i + 1 < len(layers):  # 5 re-run: the next layer sees this layer's quantized outputs
+        with clock("rerun"), torch.no_grad():
+            inputs.advance(layer)
+
+    clock.times.update(overlapped_load=load_seconds if overlap else 0.0, overlapped_write=0.0)
+    meta = {"layer": i, **meta, "times": clock.times, "offload_activations": offload, "overlap": overlap,
+            "estimated_gpu_bytes": estimate}
+    with clock("write"):  # 6 persist: packed weights (and the layer) back to CPU memory, the checkpoint
+        persister.submit(i, slots, packed, meta, lead=sharding.rank == 0)
+        del slots, packed
+    if device.type == "cuda":
+        meta["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
+    result.layers.append(meta)
+
+
 def format_time_split(layers: list[dict]) -> str:
     """The per-stage split of a run: total seconds, share, seconds per layer; and the peak GPU memory."""
     tot = defaultdict(float)
     for m in layers:
         for k, v in m["times"].items():
             tot[k] += v
-    total = sum(tot.values()) or 1.0
+    total = sum(tot[k] for k in STAGES) or 1.0
     n = len(layers)
     lines = [f"quantization time split over {n} layer{'s' * (n != 1)}: {total:.1f} s",
              f"  {'stage':<8} {'seconds':>9} {'share':>6} {'s/layer':>8}"]
     for k in STAGES:
         lines.append(f"  {k:<8} {tot[k]:>9.2f} {100 * tot[k] / total:>5.1f}% {tot[k] / n:>8.3f}")
+    if any(m.get("overlap") for m in layers):
+        lines.append(f"  overlapped with the stages (background threads, not in the total): copies to the GPU "
+                     f"{tot['overlapped_load']:.2f} s, write-back and checkpoint {tot['overlapped_write']:.2f} s")
     peaks = [m["peak_gpu_bytes"] for m in layers if "peak_gpu_bytes" in m]
     if peaks:
         est = max(m.get("estimated_gpu_bytes", 0) for m in layers)

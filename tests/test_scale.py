@@ -9,8 +9,9 @@ from conftest import make_tiny
 from moequant.config import QuantConfig
 from moequant.kernels._triton_utils import interpreting
 from moequant.models import get_adapter, real_config
-from moequant.pipeline import (STAGES, InsufficientGPUMemoryError, check_group_sizes, estimate_layer_memory,
+from moequant.pipeline import (OVERLAPPED, STAGES, InsufficientGPUMemoryError, check_group_sizes, estimate_layer_memory,
                                expert_intermediates, format_time_split, plan_memory, quantize_model)
+import moequant.quant.gptq as gq
 from moequant.quant.gptq import _inverse_cholesky_upper, _triu_inverse, gptq_quantize, proxy_loss
 from moequant.quant.quantizer import QuantSpec
 
@@ -95,6 +96,81 @@ def test_fp32_cholesky_failure_is_retried_in_fp64_before_raising_damp(monkeypatc
     assert (lam == 0.01).all() and len(notes) == 1 and "matrices [1]" in notes[0] and "fp64" in notes[0]
     ref, _, _ = gq._inverse_cholesky_upper(H.double(), 0.01)
     torch.testing.assert_close(U.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+# -- the left-looking update and the blocked Cholesky -----------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(KERNEL_SETTINGS) + ["g48-crosses-blocks"])
+def test_left_update_equals_right_update(name):
+    """In fp64 the two catch-up rules give the same codes (they are the same math); in fp32 they agree up to rare
+    rounding ties. Groups that start inside a block and end past it (g48, block 32) read columns past the block."""
+    g, bs, sym, act_order, static, mse, sdt = KERNEL_SETTINGS.get(name, (48, 32, True, False, False, False,
+                                                                        torch.float64))
+    W, H = _problem(2, 24, 192, seed=7)
+    spec = QuantSpec(bits=4, group_size=g, sym=sym, mse_clip=mse)
+    kw = dict(block_size=bs, act_order=act_order, static_groups=static, backend="torch")
+    a = gptq_quantize(W.double(), H.double(), spec, update="right", scale_dtype=torch.float64, **kw)
+    b = gptq_quantize(W.double(), H.double(), spec, update="left", scale_dtype=torch.float64, **kw)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales)
+    torch.testing.assert_close(a.weight, b.weight, rtol=0, atol=0)
+    a = gptq_quantize(W, H, spec, update="right", scale_dtype=sdt, **kw)
+    b = gptq_quantize(W, H, spec, update="left", scale_dtype=sdt, **kw)
+    assert (a.codes == b.codes).float().mean() > 0.99
+    la, lb = proxy_loss(W, a.weight, H), proxy_loss(W, b.weight, H)
+    assert ((la - lb).abs() / la).max() < 0.01
+
+
+def test_blocked_cholesky(monkeypatch):
+    g = torch.Generator().manual_seed(8)
+    X = torch.randn(3, 300, 400, generator=g, dtype=torch.float64)
+    A = X @ X.mT + 0.1 * torch.eye(300, dtype=torch.float64)
+    A[2] = -torch.eye(300, dtype=torch.float64)  # not positive definite: flagged, the others unaffected
+    L, bad = gq._cholesky_blocked(A.clone(), nb=64)  # uneven last block
+    assert bad.tolist() == [False, False, True]
+    torch.testing.assert_close(L[:2], torch.linalg.cholesky(A[:2]), rtol=0, atol=1e-12)
+    assert (torch.triu(L, 1) == 0).all()
+    monkeypatch.setattr(gq, "CHOLESKY_BLOCK", 64)  # the solver through the blocked path gives the same codes
+    W, H = _problem(2, 16, 192, seed=9)
+    spec = QuantSpec(bits=4, group_size=32)
+    a = gptq_quantize(W.double(), H.double(), spec, scale_dtype=torch.float64)
+    monkeypatch.setattr(gq, "CHOLESKY", "torch")
+    b = gptq_quantize(W.double(), H.double(), spec, scale_dtype=torch.float64)
+    assert torch.equal(a.codes, b.codes)
+
+
+def test_gptq_ignores_a_process_wide_tf32_setting(monkeypatch):
+    """The solve runs its products in fp32 whatever torch.backends says, unless tf32=True is asked for."""
+    seen = []
+    real = torch.baddbmm
+    monkeypatch.setattr(torch, "baddbmm", lambda *a, **k: (seen.append(torch.backends.cuda.matmul.allow_tf32),
+                                                            real(*a, **k))[1])
+    W, H = _problem(1, 8, 128, seed=10)
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        gptq_quantize(W, H, QuantSpec(bits=4, group_size=32), block_size=32)
+        assert seen and not any(seen) and torch.backends.cuda.matmul.allow_tf32  # restored afterwards
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    seen.clear()
+    gptq_quantize(W, H, QuantSpec(bits=4, group_size=32), block_size=32, tf32=True)
+    assert seen and all(seen)
+
+
+@GPU
+@pytest.mark.gpu
+def test_left_update_and_blocked_cholesky_on_gpu():
+    W, H = _problem(8, 256, 1536, seed=11, device="cuda")
+    spec = QuantSpec(bits=4, group_size=128)
+    a = gptq_quantize(W, H, spec, update="right", scale_dtype=torch.bfloat16)
+    b = gptq_quantize(W, H, spec, update="left", scale_dtype=torch.bfloat16)  # blocked Cholesky (1536 > 512)
+    assert (a.codes == b.codes).float().mean() > 0.99
+    la, lb = proxy_loss(W, a.weight, H), proxy_loss(W, b.weight, H)
+    assert ((la - lb).abs() / la).max() < 0.01
+    Hd = H + 0.01 * H.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] * torch.eye(1536, device="cuda")
+    L, bad = gq._cholesky_blocked(Hd.clone())
+    ref = torch.linalg.cholesky(Hd)
+    assert not bad.any() and ((L - ref).norm() / ref.norm()) < 1e-5
 
 
 @GPU
@@ -195,7 +271,7 @@ def test_every_layer_records_the_split_and_chunks_do_not_change_cpu_results():
     model = make_tiny("qwen3_moe")
     base = quantize_model(model, QuantConfig(method="agq", group_size=32, device="cpu"), _calib(), progress=False)
     for m in base.layers:
-        assert set(m["times"]) == set(STAGES) and all(v >= 0 for v in m["times"].values())
+        assert set(m["times"]) == set(STAGES + OVERLAPPED) and all(v >= 0 for v in m["times"].values())
         assert m["times"]["capture"] > 0 and m["times"]["hessian"] > 0 and m["times"]["solve"] > 0
         assert m["estimated_gpu_bytes"] > 0
     table = format_time_split(base.layers)
@@ -204,6 +280,31 @@ def test_every_layer_records_the_split_and_chunks_do_not_change_cpu_results():
                                                                  expert_chunk=3), _calib(), progress=False)
     for k, p in base.packed.items():  # experts solved 3 at a time: the same bits on CPU
         assert torch.equal(p.qweight, chunked.packed[k].qweight) and torch.equal(p.scales, chunked.packed[k].scales)
+
+
+def test_worker_threads_give_the_same_bits_and_report_errors(tmp_path):
+    """overlap=True on CPU: streamed layers are read and finished layers handed to `on_layer_done` by worker
+    threads (what CUDA does besides its side streams). Same bits, callbacks in order, errors re-raised."""
+    from moequant.streaming import open_streamed
+
+    make_tiny("qwen2_moe", layers=3).save_pretrained(tmp_path / "m")
+    cfg = QuantConfig(method="agq", group_size=32, device="cpu", batch_size=2)
+    ref = quantize_model(T.AutoModelForCausalLM.from_pretrained(tmp_path / "m"), cfg, _calib(), progress=False)
+    done = []
+    model, layers = open_streamed(str(tmp_path / "m"))
+    res = quantize_model(model, cfg, _calib(), progress=False, overlap=True, layer_source=layers,
+                         on_layer_done=lambda i, packed, meta, state: done.append((i, sorted(state))))
+    assert [i for i, _ in done] == [0, 1, 2] and all(m["overlap"] for m in res.layers)
+    assert all(any(n.endswith("input_layernorm.weight") for n in names) for _, names in done)
+    for k, p in ref.packed.items():
+        assert torch.equal(p.qweight, res.packed[k].qweight) and torch.equal(p.scales, res.packed[k].scales), k
+
+    def fail(i, *_):
+        if i == 1:
+            raise KeyError("disk full")
+    with pytest.raises(KeyError, match="disk full"):
+        quantize_model(T.AutoModelForCausalLM.from_pretrained(tmp_path / "m"), cfg, _calib(), progress=False,
+                       overlap=True, on_layer_done=fail)
 
 
 @GPU
@@ -236,3 +337,32 @@ def test_grouped_gemm_expert_intermediates_on_gpu():
     gpu = expert_intermediates(block.experts.cuda(), x.cuda(), ids.cuda(), w.cuda())
     torch.testing.assert_close(gpu[0].cpu().float(), cpu[0].float(), rtol=2e-2, atol=2e-2)
     assert torch.equal(gpu[1].cpu(), cpu[1]) and torch.equal(gpu[2].cpu(), cpu[2])
+
+
+@GPU
+@pytest.mark.gpu
+def test_gpu_overlap_and_streaming_are_exact(tmp_path):
+    """Prefetch + background write-back, and layers streamed from the checkpoint, give the same bits as moving
+    layers synchronously; the model in CPU memory ends up holding exactly the packed values."""
+    from moequant.streaming import open_streamed
+
+    base = make_tiny("mixtral", layers=4).to(torch.bfloat16)
+    base.save_pretrained(tmp_path / "m")
+    cfg = QuantConfig(method="agq", group_size=32, device="cuda", batch_size=2)
+    runs = {}
+    for name, overlap in (("sync", False), ("overlap", True)):
+        model = T.AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+        runs[name] = quantize_model(model, cfg, _calib(), progress=False, overlap=overlap)
+        assert all(m["overlap"] is overlap for m in runs[name].layers)
+        for k, p in runs[name].packed.items():
+            param = model.get_parameter(k if ".mlp.experts." in k + "." else k + ".weight")
+            assert param.device.type == "cpu" and torch.equal(p.dequantize(param.dtype), param.data), k
+    model, layers = open_streamed(str(tmp_path / "m"))
+    runs["streamed"] = quantize_model(model, cfg, _calib(), progress=False, overlap=True, layer_source=layers)
+    assert all(p.is_meta for p in model.model.layers.parameters())
+    for name in ("overlap", "streamed"):
+        assert runs[name].packed.keys() == runs["sync"].packed.keys()
+        for k, p in runs["sync"].packed.items():
+            q = runs[name].packed[k]
+            assert q.qweight.device.type == "cpu"
+            assert torch.equal(p.qweight, q.qweight) and torch.equal(p.scales, q.scales), (name, k)
