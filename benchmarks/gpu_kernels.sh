@@ -1,37 +1,62 @@
 #!/usr/bin/env bash
-# The one device script for the Triton kernels: GPU tests, then both benchmarks (and optional tile sweeps).
-#   bash benchmarks/gpu_kernels.sh            (on a CUDA machine, from the repository root; logs under $OUT or ./bench_out)
-# Env: SWEEP="mixtral:4096,qwen3:1" adds MoE tile sweeps, HSWEEP=1 Hessian ones; MS="1,8,4096" and
-# MODELS="mixtral,qwen3" limit the MoE benchmark; STEPS="tests moe" picks and orders the parts.
-# It imports moequant from a minimal shim (packing, reference, quant, kernels) so that nothing else in the
-# package (nor an unbuilt moequant._C) has to be in working order for the kernels to be tested and timed.
+# The one device script for the Triton kernels: GPU tests, benchmarks, tile sweeps and ncu profiles, in one call.
+#   bash benchmarks/gpu_kernels.sh        (on a CUDA machine, from the repository root; logs under $OUT or ./bench_out)
+# Env:
+#   STEPS="tests moe sweep ncu hessian"   the parts, in order (default: tests hessian moe)
+#   MS="1,8,4096" MODELS="mixtral,qwen3"  limit the MoE benchmark;  SWEEP="mixtral:4096,qwen3:16" the sweep points
+#   V1=.devbuild/moe_v1/kernels           an earlier kernels/ folder timed side by side (column v1_us) and profiled
+#   NCU_POINTS="mixtral:16,mixtral:4096"  points profiled by `ncu --set full` (GEMM1 + GEMM2 of ours; of $NCU_V1 first)
+#   TESTS="tests/test_kernels_fused_moe.py"  the GPU test files (default: both kernel test files); TEST_K="expr": pytest -k
+# Logs go to $OUT as they are written; CSVs, plots and ncu exports to a work folder packed into
+# $OUT/kernels_run.tgz after every step (a run cut short still returns what it finished); the ncu report
+# is copied to $OUT when it is under 15 MB.
+# It imports moequant from a shim: every module of the working tree's moequant/ linked, kernels/ linked as
+# moequant.kernels (what the editable install maps), and a minimal __init__ so that importing moequant.models
+# or moequant.kernels does not import the whole package (nor an unbuilt moequant._C).
 set -o pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
+W=$(mktemp -d)
 ROOT=$(pwd)
 SITE=$(mktemp -d)
 mkdir -p "$SITE/moequant"
-echo '"""shim: the parts of moequant the kernels need"""' > "$SITE/moequant/__init__.py"
-for f in packing.py reference.py quant; do ln -s "$ROOT/moequant/$f" "$SITE/moequant/$f"; done
+echo '"""shim: moequant without its top-level imports"""' > "$SITE/moequant/__init__.py"
+for f in "$ROOT"/moequant/*; do
+  case $(basename "$f") in __init__.py|__pycache__|_C*.so) ;; *) ln -s "$f" "$SITE/moequant/$(basename "$f")" ;; esac
+done
 ln -s "$ROOT/kernels" "$SITE/moequant/kernels"
-export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"  # not $ROOT: its moequant/ has no kernels/ (python -m runs from $SITE)
-export PYTHONUNBUFFERED=1
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PY:-python3}
-{ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv; $PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'; date -u; } 2>&1 | tee "$OUT/gpu_tests.log"
+t0=$SECONDS
+{ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv
+  $PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'; date -u; } 2>&1 \
+  | tee "$OUT/env.log"
 rc=0
-# STEPS picks and orders the parts (default: tests hessian moe, plus the sweeps when SWEEP / HSWEEP are set)
-STEPS=${STEPS:-"tests hessian moe ${HSWEEP:+hsweep} ${SWEEP:+sweep}"}
-for step in $STEPS; do
+V1ARG=${V1:+--v1 $V1}
+NCU_V1ARG=${NCU_V1:+--v1 $NCU_V1}
+TESTS=${TESTS:-tests/test_kernels_fused_moe.py tests/test_kernels_hessians.py}
+for step in ${STEPS:-tests hessian moe}; do
+  echo "== step $step at $((SECONDS - t0)) s"
   case $step in
-    tests) (cd "$SITE" && $PY -m pytest -q -p no:cacheprovider --noconftest "$ROOT/tests/test_kernels_hessians.py" \
-             "$ROOT/tests/test_kernels_fused_moe.py") 2>&1 | tee -a "$OUT/gpu_tests.log" || rc=1 ;;
-    hessian) $PY benchmarks/bench_hessian.py --out "$OUT" 2>&1 | tee "$OUT/bench_hessian.log" || rc=1 ;;
-    moe) $PY benchmarks/bench_moe_gemm.py ${MS:+--ms $MS} ${MODELS:+--models $MODELS} --out "$OUT" 2>&1 \
+    tests) # from $SITE: python -m puts the working directory first on sys.path, and the root's moequant/ is not the shim
+           (cd "$SITE" && $PY -m pytest -q -p no:cacheprovider --durations=5 ${TEST_K:+-k "$TEST_K"} $(for t in $TESTS; do echo "$ROOT/$t"; done)) \
+             2>&1 | tee "$OUT/gpu_tests.log" | tail -15 || rc=1 ;;
+    hessian) $PY benchmarks/bench_hessian.py --out "$W" 2>&1 | tee "$OUT/bench_hessian.log" || rc=1 ;;
+    moe) $PY benchmarks/bench_moe_gemm.py ${MS:+--ms $MS} ${MODELS:+--models $MODELS} $V1ARG --out "$W" 2>&1 \
            | tee "$OUT/bench_moe_gemm.log" || rc=1 ;;
-    hsweep) $PY benchmarks/bench_hessian.py --sweep --out "$OUT" 2>&1 | tee -a "$OUT/sweep.log" || rc=1 ;;
-    sweep) $PY benchmarks/bench_moe_gemm.py --sweep "${SWEEP:-mixtral:4096,mixtral:8}" --out "$OUT" 2>&1 \
-             | tee -a "$OUT/sweep.log" || rc=1 ;;
+    sweep) $PY benchmarks/bench_moe_gemm.py --sweep "${SWEEP:-mixtral:4096,mixtral:16}" --out "$W" 2>&1 \
+             | tee "$OUT/sweep.log" || rc=1 ;;
+    ncu) ncu --set full --clock-control none -k regex:_moe_gemm -f -o "$W/ncu_moe" \
+           $PY benchmarks/bench_moe_gemm.py --profile "${NCU_POINTS:-mixtral:16,mixtral:4096}" $NCU_V1ARG --out "$W" \
+           > "$OUT/ncu_run.log" 2>&1 || { rc=1; tail -20 "$OUT/ncu_run.log"; }
+         ncu --import "$W/ncu_moe.ncu-rep" --page raw --csv > "$W/ncu_raw.csv" 2>>"$OUT/ncu_run.log"
+         ncu --import "$W/ncu_moe.ncu-rep" --page details --csv > "$W/ncu_details.csv" 2>>"$OUT/ncu_run.log"
+         $PY benchmarks/bench_moe_gemm.py --ncu-summary "$W/ncu_raw.csv" --out "$W" 2>&1 | tee "$OUT/ncu_summary.log" \
+           || rc=1 ;;
     *) echo "unknown step $step"; rc=1 ;;
   esac
+  tar czf "$OUT/kernels_run.tgz" -C "$W" --exclude='*.ncu-rep' .
 done
+if [ -f "$W/ncu_moe.ncu-rep" ] && [ "$(stat -c %s "$W/ncu_moe.ncu-rep")" -lt 15000000 ]; then cp "$W/ncu_moe.ncu-rep" "$OUT/"; fi
+echo "== done at $((SECONDS - t0)) s, rc=$rc"
 exit $rc
