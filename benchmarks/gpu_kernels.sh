@@ -17,15 +17,7 @@ set -o pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
 W=$(mktemp -d)
-ROOT=$(pwd)
-SITE=$(mktemp -d)
-mkdir -p "$SITE/moequant"
-echo '"""shim: moequant without its top-level imports"""' > "$SITE/moequant/__init__.py"
-for f in "$ROOT"/moequant/*; do
-  case $(basename "$f") in __init__.py|__pycache__|_C*.so) ;; *) ln -s "$f" "$SITE/moequant/$(basename "$f")" ;; esac
-done
-ln -s "$ROOT/kernels" "$SITE/moequant/kernels"
-export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+. "$(dirname "$0")/shim.sh"  # ROOT, SITE, PYTHONPATH (moequant from the working tree)
 PY=${PY:-python3}
 t0=$SECONDS
 { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv
