@@ -45,54 +45,34 @@ LAST_COMPILED: dict = {}  # the compiled kernels of the last call, for benchmark
 
 # One int32 word (kernel nibble order) -> 8 16-bit weights. $8 word, $9 scale bits in both halves,
 # $10 -(magic + zero) bits in both halves. Outputs $0..$7 = columns 0..7 of the word.
-_DEQUANT_ASM_BF16 = tl.constexpr("""{
+# The same code for both 16-bit types: only the type suffix, 1.0 and the magic number (the float whose
+# ulp is 1, so OR-ing a code into its mantissa adds it exactly: 128 in bf16, 1024 in fp16) differ.
+_DEQUANT_ASM = """{{
 .reg .b32 c<4>, one, nzero;
-mov.b32 one, 0x3F803F80;
+mov.b32 one, {one};
 mov.b32 nzero, 0x80008000;
-lop3.b32 c0, $8, 0x000F000F, 0x43004300, 0xEA;
+lop3.b32 c0, $8, 0x000F000F, {magic}, 0xEA;
 shr.u32 c1, $8, 4;
-lop3.b32 c1, c1, 0x000F000F, 0x43004300, 0xEA;
+lop3.b32 c1, c1, 0x000F000F, {magic}, 0xEA;
 shr.u32 c2, $8, 8;
-lop3.b32 c2, c2, 0x000F000F, 0x43004300, 0xEA;
+lop3.b32 c2, c2, 0x000F000F, {magic}, 0xEA;
 shr.u32 c3, $8, 12;
-lop3.b32 c3, c3, 0x000F000F, 0x43004300, 0xEA;
-fma.rn.bf16x2 c0, c0, one, $10;
-fma.rn.bf16x2 c1, c1, one, $10;
-fma.rn.bf16x2 c2, c2, one, $10;
-fma.rn.bf16x2 c3, c3, one, $10;
-fma.rn.bf16x2 c0, c0, $9, nzero;
-fma.rn.bf16x2 c1, c1, $9, nzero;
-fma.rn.bf16x2 c2, c2, $9, nzero;
-fma.rn.bf16x2 c3, c3, $9, nzero;
-mov.b32 {$0, $1}, c0;
-mov.b32 {$2, $3}, c1;
-mov.b32 {$4, $5}, c2;
-mov.b32 {$6, $7}, c3;
-}""")
-_DEQUANT_ASM_FP16 = tl.constexpr("""{
-.reg .b32 c<4>, one, nzero;
-mov.b32 one, 0x3C003C00;
-mov.b32 nzero, 0x80008000;
-lop3.b32 c0, $8, 0x000F000F, 0x64006400, 0xEA;
-shr.u32 c1, $8, 4;
-lop3.b32 c1, c1, 0x000F000F, 0x64006400, 0xEA;
-shr.u32 c2, $8, 8;
-lop3.b32 c2, c2, 0x000F000F, 0x64006400, 0xEA;
-shr.u32 c3, $8, 12;
-lop3.b32 c3, c3, 0x000F000F, 0x64006400, 0xEA;
-fma.rn.f16x2 c0, c0, one, $10;
-fma.rn.f16x2 c1, c1, one, $10;
-fma.rn.f16x2 c2, c2, one, $10;
-fma.rn.f16x2 c3, c3, one, $10;
-fma.rn.f16x2 c0, c0, $9, nzero;
-fma.rn.f16x2 c1, c1, $9, nzero;
-fma.rn.f16x2 c2, c2, $9, nzero;
-fma.rn.f16x2 c3, c3, $9, nzero;
-mov.b32 {$0, $1}, c0;
-mov.b32 {$2, $3}, c1;
-mov.b32 {$4, $5}, c2;
-mov.b32 {$6, $7}, c3;
-}""")
+lop3.b32 c3, c3, 0x000F000F, {magic}, 0xEA;
+fma.rn.{t} c0, c0, one, $10;
+fma.rn.{t} c1, c1, one, $10;
+fma.rn.{t} c2, c2, one, $10;
+fma.rn.{t} c3, c3, one, $10;
+fma.rn.{t} c0, c0, $9, nzero;
+fma.rn.{t} c1, c1, $9, nzero;
+fma.rn.{t} c2, c2, $9, nzero;
+fma.rn.{t} c3, c3, $9, nzero;
+mov.b32 {{$0, $1}}, c0;
+mov.b32 {{$2, $3}}, c1;
+mov.b32 {{$4, $5}}, c2;
+mov.b32 {{$6, $7}}, c3;
+}}"""
+_DEQUANT_ASM_BF16 = tl.constexpr(_DEQUANT_ASM.format(t="bf16x2", one="0x3F803F80", magic="0x43004300"))
+_DEQUANT_ASM_FP16 = tl.constexpr(_DEQUANT_ASM.format(t="f16x2", one="0x3C003C00", magic="0x64006400"))
 
 
 @triton.jit
