@@ -3,7 +3,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "moe_decode_kernels.cuh"
+#include "moe_decode_gemv.cuh"
 #include "ops_common.h"
 
 namespace moequant {
@@ -17,7 +17,7 @@ int rows_per_group(const Packed& p, const char* name) {
 
 template <typename T, typename CT>
 void run(const at::Tensor& x, const Packed& w13, const Packed& w2, const at::Tensor& ids, const at::Tensor& wts,
-         const MoeDims& d, int split13, int split2, at::Tensor& h, at::Tensor& out13, at::Tensor& out2,
+         const MoeDims& d, const cuda::DecodePlan& plan, at::Tensor& h, at::Tensor& out13, at::Tensor& out2,
          at::Tensor& counters, at::Tensor& y) {
   cuda::DecodeArgs<CT> a;
   a.x = reinterpret_cast<const CT*>(x.data_ptr<T>());
@@ -38,8 +38,9 @@ void run(const at::Tensor& x, const Packed& w13, const Packed& w2, const at::Ten
   a.I = static_cast<int>(d.I);
   a.rows_per_group13 = rows_per_group(w13, "w13");
   a.rows_per_group2 = rows_per_group(w2, "w2");
-  a.split13 = split13;
-  a.split2 = split2;
+  a.split13 = plan.split13;
+  a.split2 = plan.split2;
+  a.gemv = plan.gemv;
   a.h = reinterpret_cast<CT*>(h.data_ptr<T>());
   a.out13 = out13.data_ptr<float>();
   a.out2 = out2.data_ptr<float>();
@@ -75,9 +76,10 @@ at::Tensor moe_w4a16_decode_cuda(const at::Tensor& x, const at::Tensor& w13_qwei
   if (reinterpret_cast<uintptr_t>(xc.data_ptr()) % 16) xc = xc.clone();
   const at::Tensor ids = topk_ids.contiguous(), wts = topk_weights.contiguous();
   const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  int split13 = 1, split2 = 1;
-  cuda::decode_splits(static_cast<int>(d.M), static_cast<int>(d.top_k), static_cast<int>(d.E), static_cast<int>(d.H),
-                      static_cast<int>(d.I), num_sms, split13, split2);
+  const cuda::DecodePlan plan =
+      cuda::decode_plan(static_cast<int>(d.M), static_cast<int>(d.top_k), static_cast<int>(d.E), static_cast<int>(d.H),
+                        static_cast<int>(d.I), rows_per_group(w13, "w13"), rows_per_group(w2, "w2"), num_sms);
+  const int64_t split13 = plan.split13, split2 = plan.split2;
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor h = at::empty({d.M * d.top_k, d.I}, x.options());
   at::Tensor out13 = at::empty({split13 > 1 ? split13 : 0, d.M * d.top_k, 2 * d.I}, f32);
@@ -87,9 +89,9 @@ at::Tensor moe_w4a16_decode_cuda(const at::Tensor& x, const at::Tensor& w13_qwei
   at::Tensor y = at::empty({d.M, d.H}, x.options());
   if (d.M == 0) return y;
   if (x.scalar_type() == at::kBFloat16)
-    run<at::BFloat16, __nv_bfloat16>(xc, w13, w2, ids, wts, d, split13, split2, h, out13, out2, counters, y);
+    run<at::BFloat16, __nv_bfloat16>(xc, w13, w2, ids, wts, d, plan, h, out13, out2, counters, y);
   else
-    run<at::Half, __half>(xc, w13, w2, ids, wts, d, split13, split2, h, out13, out2, counters, y);
+    run<at::Half, __half>(xc, w13, w2, ids, wts, d, plan, h, out13, out2, counters, y);
   return y;
 }
 

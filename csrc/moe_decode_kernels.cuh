@@ -60,7 +60,8 @@ struct DecodeArgs {
   int weights_kind;        // 0 float, 1 half, 2 bfloat16
   int M, top_k, E, H, I;
   int rows_per_group13, rows_per_group2;  // group size / 8 (packed rows per group)
-  int split13, split2;     // K splits of each GEMM, 1..kDecodeMaxSplit (decode_splits() picks them)
+  int split13, split2;     // K splits of each GEMM (decode_plan() picks them; tiled: at most kDecodeMaxSplit)
+  bool gemv;               // the one-token path (moe_decode_gemv.cuh), else the tiled kernels
   T* h;                    // [M*k, I] workspace
   float* out13;            // [split13, M*k, 2I] workspace (used when split13 > 1)
   float* out2;             // [split2, M*k, H] workspace
@@ -131,9 +132,13 @@ template <> struct Half2Math<__half> {
 };
 
 // Nibbles s and s+4 of w as (magic + q) in the low and high 16 bits.
+// One LOP3 ((v & mask) | magic) after the shift: written in C, the compiler emits an AND and an OR,
+// because a SASS LOP3 takes one immediate (SASS of the first v3 build: 65 LOP3 per chunk, not 32).
 template <int S, typename T>
 __device__ __forceinline__ uint32_t nibble_pair(uint32_t w) {
-  return ((w >> (4 * S)) & 0x000F000Fu) | Half2Math<T>::kMagic;
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(r) : "r"(w >> (4 * S)), "n"(0x000F000F), "r"(Half2Math<T>::kMagic));
+  return r;
 }
 
 // ---- cp.async: each lane copies its own 16 bytes into shared memory, STAGES chunks ahead ----
@@ -541,6 +546,8 @@ inline void decode_splits(int M, int top_k, int E, int H, int I, int num_sms, in
   split13 = decode_split(hit * ((I + kDecodeTile - 1) / kDecodeTile), (H / 8 + 3) / 4, slots);
   split2 = decode_split(hit * ((H + kDecodeTile - 1) / kDecodeTile), (I / 8 + 3) / 4, slots);
 }
+// Counters of a call: per (expert, gate_up tile), then per down tile. The one-token path indexes the
+// first part by pair (top_k <= E of them).
 inline int64_t decode_counters(int E, int H, int I) {
   return static_cast<int64_t>(E) * ((I + kDecodeTile - 1) / kDecodeTile) + (H + kDecodeTile - 1) / kDecodeTile;
 }
@@ -572,8 +579,9 @@ cudaError_t launch_decode_nt(const DecodeArgs<T>& a, cudaStream_t stream) {
 
 // Requirements (checked by the caller): 4-bit, H % 8 == 0, I % 8 == 0, M * top_k <= kDecodeMaxPairs,
 // group sizes multiples of 8 (rows_per_group >= 1), 1 <= splits <= kDecodeMaxSplit. T: bf16 or fp16.
+// The op's entry point is launch_decode (moe_decode_gemv.cuh), which sends one token to the gemv kernel.
 template <typename T>
-cudaError_t launch_decode(const DecodeArgs<T>& a, cudaStream_t stream) {
+cudaError_t launch_decode_tiles(const DecodeArgs<T>& a, cudaStream_t stream) {
   if (a.M == 0) return cudaSuccess;
   if (a.M * a.top_k > kDecodeMaxPairs || a.H % 8 || a.I % 8 || a.rows_per_group13 < 1 || a.rows_per_group2 < 1 ||
       a.split13 < 1 || a.split13 > kDecodeMaxSplit || a.split2 < 1 || a.split2 > kDecodeMaxSplit)

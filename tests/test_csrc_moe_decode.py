@@ -71,7 +71,11 @@ def test_moe_decode_bad_input_raises():
 @pytest.mark.skipif(not CUDA, reason="needs CUDA and a CUDA build of moequant._C")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES + [(1, 64, 6, 2048, 1408, 128, True), (2, 128, 8, 512, 768, 128, False),
-                                            (12, 8, 2, 512, 384, 128, True), (1, 8, 2, 2048, 1408, 128, False)],
+                                            (12, 8, 2, 512, 384, 128, True), (1, 8, 2, 2048, 1408, 128, False),
+                                            # one token (the gemv kernel): ragged column tiles, per channel,
+                                            # K split in gate_up; group 16 at M=1 goes to the tiled kernel
+                                            (1, 16, 4, 544, 1440, 32, False), (1, 8, 2, 1024, 256, -1, True),
+                                            (1, 8, 2, 4096, 512, 64, False), (1, 8, 2, 256, 128, 16, False)],
                          ids=lambda s: "M{}-E{}-k{}-H{}-I{}-g{}-{}".format(*s[:6], "sym" if s[6] else "asym"))
 def test_moe_decode_cuda(shape, dtype):
     M, E, k, H, I, group, sym = shape
@@ -97,3 +101,27 @@ def test_moe_decode_cuda_many_tokens_one_expert(M):
     ref = fused_moe_w4a16_ref(x.cpu(), w13.to("cpu"), w2.to("cpu"), ids.cpu(), wts.cpu())
     got = ops.moe_w4a16_decode(x, w13, w2, ids, wts)
     assert rel_err(got, ref) < 5e-3
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA and a CUDA build of moequant._C")
+@pytest.mark.parametrize("shape", [(64, 6, 2048, 1408, 128), (128, 8, 2048, 768, 128), (8, 2, 4096, 2048, 64)],
+                         ids=lambda s: "E{}-k{}-H{}-I{}-g{}".format(*s))
+def test_moe_decode_cuda_one_token_repeatable_on_a_busy_stream(shape):
+    """One token, many routings, each call queued behind unrelated GPU work and run twice: bit-identical
+    results (the kernels are deterministic, so a difference is a race between the two launches or between
+    warps of the reduction), matching the CPU op."""
+    E, k, H, I, group = shape
+    gen = torch.Generator().manual_seed(E + I)
+    x, w13, w2, _, _ = make_problem(1, E, k, H, I, group, False, torch.bfloat16, gen, "cuda")
+    busy = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    for trial in range(8):
+        ids = torch.randperm(E, generator=gen)[:k].view(1, k).cuda()
+        wts = torch.softmax(torch.randn(1, k, generator=gen), -1).to(torch.bfloat16).cuda()
+        outs = []
+        for _ in range(2):
+            for _ in range(3):
+                busy = (busy @ busy).clamp_(-1, 1)  # keep the stream busy so the launches queue up
+            outs.append(ops.moe_w4a16_decode(x, w13, w2, ids, wts))
+        assert torch.equal(outs[0], outs[1]), f"trial {trial}: two runs of the same call differ"
+        cpu = ops.moe_w4a16_decode(x.cpu(), w13.to("cpu"), w2.to("cpu"), ids.cpu(), wts.cpu())
+        assert rel_err(outs[0], cpu.double()) < 8e-3, f"trial {trial}"

@@ -9,7 +9,7 @@
 
 #include "../dequant_core.h"
 #include "../dequant_kernels.cuh"
-#include "../moe_decode_kernels.cuh"
+#include "../moe_decode_gemv.cuh"
 
 #define CHECK_CUDA(call)                                                                             \
   do {                                                                                               \
@@ -209,14 +209,17 @@ int test_decode(int M, int E, int k, int H, int I, int group, bool sym, std::mt1
   a.rows_per_group13 = group / 8; a.rows_per_group2 = group / 8;
   int num_sms = 0;
   CHECK_CUDA(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, 0));
-  moequant::cuda::decode_splits(M, k, E, H, I, num_sms, a.split13, a.split2);
+  const moequant::cuda::DecodePlan plan = moequant::cuda::decode_plan(M, k, E, H, I, group / 8, group / 8, num_sms);
+  a.split13 = plan.split13;
+  a.split2 = plan.split2;
+  a.gemv = plan.gemv;
   const size_t ncount = moequant::cuda::decode_counters(E, H, I);
   CHECK_CUDA(cudaMalloc(&a.h, static_cast<size_t>(M) * k * I * 2));
   CHECK_CUDA(cudaMalloc(&a.out13, static_cast<size_t>(a.split13) * M * k * 2 * I * 4));
   CHECK_CUDA(cudaMalloc(&a.out2, static_cast<size_t>(a.split2) * M * k * H * 4));
   CHECK_CUDA(cudaMalloc(&a.counters, ncount * 4));
   CHECK_CUDA(cudaMemset(a.counters, 0, ncount * 4));
-  std::printf("     splits gate_up %d, down %d\n", a.split13, a.split2);
+  std::printf("     splits gate_up %d, down %d; gemv %d\n", a.split13, a.split2, static_cast<int>(a.gemv));
   uint16_t* y = nullptr;
   CHECK_CUDA(cudaMalloc(&y, static_cast<size_t>(M) * H * 2));
   CHECK_CUDA(cudaMemset(y, 0xFF, static_cast<size_t>(M) * H * 2));
@@ -260,6 +263,12 @@ int main() {
   fails += test_decode(1, 8, 2, 1024, 3584, 128, true, rng);  // K split across blocks in the down GEMM
   fails += test_decode(1, 8, 2, 4096, 512, 128, false, rng);  // K split across blocks in the gate_up GEMM
   fails += test_decode(2, 8, 2, 520, 1416, 8, false, rng);    // ragged chunks and tiles, group 8
+  // one token (the gemv kernel): ragged column tiles, asymmetric, several groups per warp, and the
+  // tiled kernel again where the gemv kernel does not apply (group 16, K not a multiple of 32)
+  fails += test_decode(1, 16, 4, 544, 1440, 32, false, rng);
+  fails += test_decode(1, 8, 2, 2048, 1408, 64, true, rng);
+  fails += test_decode(1, 8, 2, 256, 128, 16, false, rng);
+  fails += test_decode(1, 8, 2, 264, 136, 8, true, rng);
   std::printf(fails ? "%d case(s) FAILED\n" : "all cases passed\n", fails);
   return fails ? 1 : 0;
 }

@@ -1,0 +1,390 @@
+// Single-token decode (M = 1): the fused MoE layer as two weight-streaming GEMVs, and the decode
+// dispatcher (`launch_decode`: this path for one token, the tiled kernels of moe_decode_kernels.cuh
+// for more). Torch-free: the extension and the standalone tests include it.
+//
+// With one token every pair (token, slot) has its own expert, so there is nothing to share between
+// pairs and no pair list. What the tiled kernel spends on serving up to 16 tokens (shared-memory
+// staging, a cp.async ring, token slots, a cross-warp reduction) is gone; what is left per 32 K of a
+// 32-column tile is the loads, one shift + one LOP3 per pair of weights and the mmas (~100
+// instructions per KB of weights in SASS, against ~250 in the tiled kernel):
+//   - each warp owns one (pair, K slice, column tile); each lane loads its 16 bytes of weights (4
+//     columns x 8 K, as in the tiled kernel) straight into registers, GemvDepth chunks ahead (the loop
+//     is unrolled by that depth, so the ring is in registers);
+//   - mma.sync m16n8k16 on (magic + q) with the token's activations in every one of the 8 B columns,
+//     so every lane ends with the sums of its own rows (no shuffles); the group's scale and zero point
+//     are folded into the fp32 sums once per group (groups of 32 or more, or a single group);
+//   - K slices are added by the last slice to arrive (a counter); the down warps of a column tile hand
+//     their fp32 sums to the last one, which applies the routing weights and the top-k sum in slot
+//     order. Deterministic, no atomics on data, no block barriers.
+// The down launch is a programmatic dependent launch (sm_90): its warps start while the last gate_up
+// warps run and prefetch their weights (which do not depend on gate_up), and wait for h only before
+// the first activation load (griddepcontrol.wait).
+// Measured limit (BENCHMARKS.md, "Decode fused MoE, v4"): ~58% of HBM on Mixtral. ptxas tracks every
+// load of the register ring on one scoreboard, and each step's first use waits for the whole scoreboard
+// (SASS wait masks), so a warp has about one chunk in flight per round trip, not GemvDepth. A cp.async
+// ring (explicit waits) measured slower (LDGSTS path); bulk copies with an mbarrier per slot are next.
+#pragma once
+#include <algorithm>
+#include <cstdlib>
+
+#include "moe_decode_kernels.cuh"
+
+namespace moequant {
+namespace cuda {
+
+constexpr int kGemvThreads = 256;
+constexpr int kGemvWarps = kGemvThreads / 32;
+
+// Chunks in flight per warp. gate_up (NW = 2): the ring holds 2 weight loads per chunk and x is read
+// one chunk ahead (it is L1-resident: every warp reads the same token); down: 1 weight load and h
+// (read through L2, see load_act_cg_if) per chunk. 48 registers of ring either way.
+template <int NW> struct GemvDepth { static constexpr int value = 6; };
+
+// 16-byte loads that leave v as it was when pred is false (predicated, no branch).
+// Weights are read once: L1::no_allocate keeps them from evicting the activations.
+__device__ __forceinline__ void load_weights_if(uint4& v, const int32_t* p, bool pred) {
+  asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %4, 0;\n"
+               " @q ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%5];\n}\n"
+               : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w)
+               : "r"(static_cast<int>(pred)), "l"(p));
+}
+__device__ __forceinline__ void load_act_if(uint4& v, const void* p, bool pred) {
+  asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %4, 0;\n @q ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%5];\n}\n"
+               : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w)
+               : "r"(static_cast<int>(pred)), "l"(p));
+}
+
+// Activations: from L2 (ld.global.cg). The down grid starts before gate_up has written h (programmatic
+// dependent launch), so h is not read-only over the reader's lifetime, which ld.global.nc requires.
+__device__ __forceinline__ void load_act_cg_if(uint4& v, const void* p, bool pred) {
+  asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %4, 0;\n @q ld.global.cg.v4.u32 {%0,%1,%2,%3}, [%5];\n}\n"
+               : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w)
+               : "r"(static_cast<int>(pred)), "l"(p));
+}
+// Release/acquire between the warps of a reduction (lighter than __threadfence's fence.sc).
+__device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;\n" ::: "memory"); }
+
+// Programmatic dependent launch (no-ops when the kernel was launched without the attribute).
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::);
+#endif
+}
+
+// One warp's K range [c_begin, c_end) (chunks of 32 K) of NW column tiles (gate_up: gate at col,
+// up at col + up_offset) for one token. in: the token's input row. Returns, per matrix m and mma
+// tile t, the sums of columns col + 2t (acc[m][t][0]) and col + 2t + 1 (acc[m][t][1]).
+// wait: call pdl_wait() after the weight prefetch and before the first activation load.
+// X_RING (down): the activations travel in the ring, read through L2 (load_act_cg_if); else (gate_up)
+// one chunk ahead through L1.
+template <typename T, int NW, bool ZEROS, bool X_RING>
+__device__ __forceinline__ void gemv_tile(const T* in, const int32_t* qe, const uint16_t* se, const uint8_t* ze,
+                                          int64_t wcols, int64_t up_offset, int rows_per_group, int col, bool col_ok,
+                                          int c_begin, int c_end, bool wait, float (&acc)[NW][2][2]) {
+  constexpr int D = GemvDepth<NW>::value;
+  const int c = threadIdx.x & 3;
+#pragma unroll
+  for (int m = 0; m < NW; ++m)
+#pragma unroll
+    for (int t = 0; t < 2; ++t) acc[m][t][0] = acc[m][t][1] = 0.f;
+  if (c_begin >= c_end) {
+    if (wait) pdl_wait();
+    return;
+  }
+  // A lane whose columns are out of range (N not a multiple of 32) streams column 0 instead and
+  // discards the sums: no branch in the loop.
+  const int colx = col_ok ? col : 0;
+  const int64_t qstep = 4 * wcols;  // int32 words from one chunk to the next
+  const int32_t* qp = qe + colx + static_cast<int64_t>(4 * c_begin + c) * wcols;
+  const T* xp = in + 8 * (4 * c_begin + c);
+
+  // The register ring: slot d holds chunk c_begin + i with i % D == d. Running pointers, one 64-bit
+  // add per load (the stride is a runtime value).
+  const int n_chunks = c_end - c_begin;
+  constexpr int DX = X_RING ? D : 1;
+  uint4 wq[D][NW], xq[DX];
+  const int32_t* qload[NW];
+#pragma unroll
+  for (int m = 0; m < NW; ++m) qload[m] = qp + m * up_offset;
+  const T* xload = xp;
+#pragma unroll
+  for (int d = 0; d < D; ++d)
+#pragma unroll
+    for (int m = 0; m < NW; ++m) {
+      load_weights_if(wq[d][m], qload[m], d < n_chunks);
+      qload[m] += qstep;
+    }
+  if (wait) pdl_wait();
+  if constexpr (X_RING) {
+#pragma unroll
+    for (int d = 0; d < D; ++d) {
+      load_act_cg_if(xq[d], xload, d < n_chunks);
+      xload += 32;
+    }
+  } else {
+    load_act_if(xq[0], xload, true);
+    xload += 32;
+  }
+
+  // the group of the current chunk, its scales (one 16-bit scale per column) and zero codes
+  int64_t goff = colx + static_cast<int64_t>((4 * c_begin) / rows_per_group) * wcols;
+  int g_end = ((4 * c_begin) / rows_per_group + 1) * rows_per_group;  // first packed row of the next group
+  uint2 gsc[NW];
+  uint32_t gz[NW];
+  auto load_groups = [&]() {
+#pragma unroll
+    for (int m = 0; m < NW; ++m) {
+      gsc[m] = __ldg(reinterpret_cast<const uint2*>(se + m * up_offset + goff));
+      gz[m] = ZEROS ? __ldg(reinterpret_cast<const uint32_t*>(ze + m * up_offset + goff)) : 0x08080808u;
+    }
+  };
+  load_groups();
+  // mma D fragments, kept whole: with the token in every B column, entries 1 and 3 repeat 0 and 2
+  float part[NW][2][4], sx[4];
+  auto clear = [&]() {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      sx[i] = 0.f;
+#pragma unroll
+      for (int m = 0; m < NW; ++m)
+#pragma unroll
+        for (int t = 0; t < 2; ++t) part[m][t][i] = 0.f;
+    }
+  };
+  clear();
+  // acc += s * (sum (magic + q) x - (magic + z) * sum x), per column, once per group
+  auto fold = [&]() {
+#pragma unroll
+    for (int m = 0; m < NW; ++m)
+#pragma unroll
+      for (int t = 0; t < 2; ++t)
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int v = 2 * t + i;  // the lane's column col + v
+          const float s = scale_at<T>(gsc[m], v);
+          const float z = ZEROS ? magic_plus_zero<T>(gz[m], v) : Half2Math<T>::kMagicF + 8.f;
+          acc[m][t][i] = fmaf(s, fmaf(-z, sx[0], part[m][t][2 * i]), acc[m][t][i]);
+        }
+    clear();
+  };
+  const uint32_t ones[4] = {Half2Math<T>::kOnes, Half2Math<T>::kOnes, Half2Math<T>::kOnes, Half2Math<T>::kOnes};
+  int prow = 4 * c_begin;  // first packed row of the current chunk
+  for (int base = 0; base < n_chunks; base += D) {
+#pragma unroll
+    for (int d = 0; d < D; ++d) {
+      if (base + d < n_chunks) {  // warp-uniform
+        if (prow >= g_end) {  // a new group: apply the finished one, fetch this one's scales
+          fold();
+          g_end += rows_per_group;
+          goff += wcols;
+          load_groups();
+        }
+        // compute on slot d, then refill it with chunk base + d + D: the loads are issued after the
+        // last read of the slot, so the ring needs no register copies
+        uint32_t b[2][2];
+        if constexpr (X_RING) {
+          act_fragments(xq[d], b);
+        } else {  // this chunk's x, then the next one's load
+          act_fragments(xq[0], b);
+          load_act_if(xq[0], xload, base + d + 1 < n_chunks);
+          xload += 32;
+        }
+#pragma unroll
+        for (int j = 0; j < 2; ++j) Half2Math<T>::mma(sx, ones, b[j][0], b[j][1]);
+#pragma unroll
+        for (int m = 0; m < NW; ++m) {
+          uint32_t a[2][2][4];
+          chunk_fragments<T, true>(wq[d][m], make_uint2(0u, 0u), 0u, a);
+#pragma unroll
+          for (int t = 0; t < 2; ++t)
+#pragma unroll
+            for (int j = 0; j < 2; ++j) Half2Math<T>::mma(part[m][t], a[t][j], b[j][0], b[j][1]);
+        }
+        const bool more = base + d + D < n_chunks;
+#pragma unroll
+        for (int m = 0; m < NW; ++m) {
+          load_weights_if(wq[d][m], qload[m], more);
+          qload[m] += qstep;
+        }
+        if constexpr (X_RING) {
+          load_act_cg_if(xq[d], xload, more);
+          xload += 32;
+        }
+        prow += 4;
+      }
+    }
+  }
+  fold();
+}
+
+// Work split: one warp per (pair p, K slice s, 32-column tile), the tile running fastest, so the
+// warps that run at the same time read the same packed rows of neighbouring tiles (DRAM pages are
+// shared; a first version gave each warp an equal run of a (pair, tile, chunk) line, which spread the
+// concurrent reads over all rows: 57-60% of HBM in ncu against 2.7 TB/s for the same bytes read
+// row-wise, benchmarks/micro/read_pattern.cu). With S > 1 slices, the fp32 sums go to a workspace
+// [s][p][cols] and the last slice of a (pair, tile) (gate_up) or of a tile (down, all pairs) to
+// arrive, by a counter, adds them in slice order. Deterministic; no block barriers.
+// GATED (launch 1): h[p] = SiLU(gate) * up. else (launch 2): y = sum_p w_p * down_p(h[p]).
+template <typename T, bool GATED, bool ZEROS>
+__global__ void __launch_bounds__(kGemvThreads, 2) moe_decode_gemv_kernel(DecodeArgs<T> a) {
+  constexpr int NW = GATED ? 2 : 1;
+  if (GATED) pdl_launch_dependents();  // the down grid may start as the gate_up warps finish
+
+  const int P = a.top_k;  // M == 1: pair p is slot p of the token
+  const int N = GATED ? a.I : a.H, R = (GATED ? a.H : a.I) / 8;
+  const int tiles = N / kDecodeTile, chunks = R / 4;  // N, K multiples of 32 on this path
+  const int S = GATED ? a.split13 : a.split2;
+  const int lane = threadIdx.x & 31, r = lane >> 2;
+  const int gw = blockIdx.x * kGemvWarps + (threadIdx.x >> 5);
+  if (gw >= P * S * tiles) return;
+  const int tile = gw % tiles, s = (gw / tiles) % S, p = gw / (tiles * S);
+  const int c_begin = chunks * s / S, c_end = chunks * (s + 1) / S;
+  const int rpg = GATED ? a.rows_per_group13 : a.rows_per_group2;
+  const int G = (R + rpg - 1) / rpg;
+  const int64_t wcols = NW * static_cast<int64_t>(N);
+  const int col = tile * kDecodeTile + 4 * r;
+  const int expert = load_expert(a.topk_ids, a.ids64, p, a.E);
+  float acc[NW][2][2];
+  if (expert >= 0) {
+    const int32_t* qe = (GATED ? a.w13 : a.w2) + static_cast<int64_t>(expert) * R * wcols;
+    const uint16_t* se = reinterpret_cast<const uint16_t*>(GATED ? a.s13 : a.s2) + static_cast<int64_t>(expert) * G * wcols;
+    const uint8_t* ze = ZEROS ? (GATED ? a.z13 : a.z2) + static_cast<int64_t>(expert) * G * wcols : nullptr;
+    const T* in = GATED ? a.x : a.h + static_cast<int64_t>(p) * a.I;
+    gemv_tile<T, NW, ZEROS, !GATED>(in, qe, se, ze, wcols, N, rpg, col, true, c_begin, c_end, !GATED, acc);
+  } else {  // an id out of range: the pair contributes nothing
+    if (!GATED) pdl_wait();
+#pragma unroll
+    for (int m = 0; m < NW; ++m)
+#pragma unroll
+      for (int t = 0; t < 2; ++t) acc[m][t][0] = acc[m][t][1] = 0.f;
+  }
+  // lanes 4r hold columns col..col+3 of each matrix (the other lanes of the row group the same)
+  if (GATED && S == 1) {
+    if ((lane & 3) == 0) {
+#pragma unroll
+      for (int v = 0; v < 4; ++v) {
+        const float g = acc[0][v >> 1][v & 1], up = acc[1][v >> 1][v & 1];
+        a.h[static_cast<int64_t>(p) * N + col + v] = from_float<T>(g / (1.f + __expf(-g)) * up);
+      }
+    }
+    return;
+  }
+  float* work = (GATED ? a.out13 : a.out2) + (static_cast<int64_t>(s) * P + p) * wcols;  // [S][P][NW * N]
+  if ((lane & 3) == 0) {
+#pragma unroll
+    for (int m = 0; m < NW; ++m)
+      *reinterpret_cast<float4*>(work + m * N + col) = make_float4(acc[m][0][0], acc[m][0][1], acc[m][1][0], acc[m][1][1]);
+    fence_acq_rel_gpu();  // the sums are visible device-wide before this warp counts in
+  }
+  __syncwarp();
+  // gate_up: a counter per (pair, tile), S arrivals; down: one per tile, P * S arrivals
+  int last = 0;
+  if (lane == 0) {
+    int* counter = GATED ? a.counters + p * tiles + tile
+                         : a.counters + static_cast<int64_t>(a.E) * ((a.I + kDecodeTile - 1) / kDecodeTile) + tile;
+    last = atomicAdd(counter, 1) + 1 == (GATED ? S : P * S);
+    if (last) *counter = 0;  // left at zero for the next call
+  }
+  if (!__shfl_sync(0xffffffffu, last, 0)) return;
+  fence_acq_rel_gpu();
+  const int cc = tile * kDecodeTile + lane;  // one column per lane
+  if (GATED) {
+    float g = 0.f, up = 0.f;
+    for (int k = 0; k < S; ++k) {
+      const float* src = a.out13 + (static_cast<int64_t>(k) * P + p) * wcols;
+      g += __ldcg(src + cc);
+      up += __ldcg(src + N + cc);
+    }
+    a.h[static_cast<int64_t>(p) * N + cc] = from_float<T>(g / (1.f + __expf(-g)) * up);
+  } else {
+    float y = 0.f;
+    for (int q = 0; q < P; ++q) {
+      if (load_expert(a.topk_ids, a.ids64, q, a.E) < 0) continue;
+      float v = 0.f;
+      for (int k = 0; k < S; ++k) v += __ldcg(a.out2 + (static_cast<int64_t>(k) * P + q) * N + cc);
+      y = fmaf(routing_weight(a.topk_weights, a.weights_kind, q), v, y);
+    }
+    a.y[cc] = from_float<T>(y);
+  }
+}
+
+// This path takes one token with K (H and I) a multiple of 32 and groups that span whole chunks.
+inline bool decode_gemv_ok(int M, int H, int I, int rpg13, int rpg2) {
+  return M == 1 && H % 32 == 0 && I % 32 == 0 && decode_fold(H, rpg13) && decode_fold(I, rpg2);
+}
+
+// The launch plan of a call: the K splits of both GEMMs (the workspaces are [split][M*top_k][2I] and
+// [split][M*top_k][H] floats). One-token path: `gemv` is set, and the splits fill the warps that fit on
+// the GPU at once (2 blocks of 8 warps per SM) with at least 4 chunks (128 K) per warp.
+struct DecodePlan {
+  int split13 = 1, split2 = 1;
+  bool gemv = false;
+};
+inline int gemv_split(int pairs_x_tiles, int chunks, int num_sms) {
+  const int fit = 2 * num_sms * kGemvWarps / pairs_x_tiles;
+  return std::max(1, std::min(fit, chunks / 4));
+}
+inline DecodePlan decode_plan(int M, int top_k, int E, int H, int I, int rpg13, int rpg2, int num_sms) {
+  DecodePlan plan;
+  if (!decode_gemv_ok(M, H, I, rpg13, rpg2)) {
+    decode_splits(M, top_k, E, H, I, num_sms, plan.split13, plan.split2);
+    return plan;
+  }
+  plan.gemv = true;
+  plan.split13 = gemv_split(top_k * (I / kDecodeTile), H / 32, num_sms);
+  plan.split2 = gemv_split(top_k * (H / kDecodeTile), I / 32, num_sms);
+  return plan;
+}
+
+// Programmatic dependent launch of the down kernel: sm_90 and later; MOEQUANT_DECODE_PDL=0 turns it
+// off (for measuring it; the results are the same either way).
+inline bool decode_use_pdl() {
+  static const bool use = [] {
+    int dev = 0, major = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
+      return false;
+    const char* env = std::getenv("MOEQUANT_DECODE_PDL");
+    return major >= 9 && !(env && env[0] == '0');
+  }();
+  return use;
+}
+
+template <typename T, bool ZEROS13, bool ZEROS2>
+cudaError_t launch_decode_gemv(const DecodeArgs<T>& a, cudaStream_t stream) {
+  const dim3 g1((a.top_k * a.split13 * (a.I / kDecodeTile) + kGemvWarps - 1) / kGemvWarps);
+  const dim3 g2((a.top_k * a.split2 * (a.H / kDecodeTile) + kGemvWarps - 1) / kGemvWarps);
+  moe_decode_gemv_kernel<T, true, ZEROS13><<<g1, kGemvThreads, 0, stream>>>(a);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = g2;
+  cfg.blockDim = dim3(kGemvThreads);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = decode_use_pdl() ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, moe_decode_gemv_kernel<T, false, ZEROS2>, a);
+}
+
+// The decode op: requirements as for launch_decode_tiles (checked by the caller); splits and grid sizes
+// from decode_plan.
+template <typename T>
+cudaError_t launch_decode(const DecodeArgs<T>& a, cudaStream_t stream) {
+  if (a.gemv) {  // decode_plan chose the one-token path
+    if (a.M != 1 || a.top_k > kDecodeMaxPairs || a.split13 < 1 || a.split2 < 1) return cudaErrorInvalidValue;
+    if (a.z13) return a.z2 ? launch_decode_gemv<T, true, true>(a, stream) : launch_decode_gemv<T, true, false>(a, stream);
+    return a.z2 ? launch_decode_gemv<T, false, true>(a, stream) : launch_decode_gemv<T, false, false>(a, stream);
+  }
+  return launch_decode_tiles(a, stream);
+}
+
+}  // namespace cuda
+}  // namespace moequant
