@@ -29,15 +29,22 @@ layer of the same shape measured in the same run.
 update, reversed-recursive H⁻¹ factor, cuSOLVER Cholesky) against the variants (left update; blocked Cholesky),
 with the codes' agreement and proxy-loss ratio against the previous default.
 --factor-bench: the H⁻¹ factorisations (moequant.quant.gptq) at the real expert shapes.
-Results go to DIR/bench_quantize.json and DIR/bench_quantize.md (DIR defaults to $OUT or bench_out).
+--profile-layer N: run layer N of each case under torch.profiler (benchmarks/quantize_profile.py: the split by
+stage, GPU busy time, kernels, blocking CUDA calls); that layer is left out of the per-layer means.
+--hash: a digest of every packed tensor per case in the JSON (to compare the bits of two runs, e.g. of two code
+versions: benchmarks/gpu_quantize.sh does so for its "base" and "bench" steps).
+--lanes N / --weights-back-pinned: the pipeline's solve lanes and write-back mode (default: the package's).
+Results go to DIR/bench_quantize[_TAG].json and .md (DIR defaults to $OUT or bench_out; --tag names the run).
 On the device machine (no editable install) run it through benchmarks/gpu_quantize.sh, which makes `kernels/`
 importable as `moequant.kernels` and runs the GPU tests first.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
+import hashlib
 import json
 import os
 import statistics
@@ -99,7 +106,22 @@ def layer_s(m) -> float:
     return sum(m["times"][k] for k in LAYER_STAGES)
 
 
-def run_case(name: str, num_layers: int | None, tokens: torch.Tensor, cfg: QuantConfig, log, overlap=None) -> dict:
+def packed_digests(packed: dict) -> dict[str, str]:
+    """A digest of each packed weight's tensors (codes, scales, zeros, g_idx), to compare the bits of two runs."""
+    out = {}
+    for k in sorted(packed):
+        h = hashlib.blake2b(digest_size=16)
+        for f in ("qweight", "scales", "qzeros", "g_idx"):
+            t = getattr(packed[k], f)
+            if t is not None:
+                h.update(f.encode())
+                h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().data)
+        out[k] = h.hexdigest()
+    return out
+
+
+def run_case(name: str, num_layers: int | None, tokens: torch.Tensor, cfg: QuantConfig, log, overlap=None,
+             skip_layers=(), digest=False) -> dict:
     total_layers = REAL_LAYERS[name]
     n = num_layers or total_layers
     t0 = time.perf_counter()
@@ -122,9 +144,10 @@ def run_case(name: str, num_layers: int | None, tokens: torch.Tensor, cfg: Quant
         log(f"  layer {m['layer']:2d}: {layer_s(m):6.2f} s  " + " ".join(f"{k} {t[k]:.2f}" for k in STAGES) +
             f"  (overlapped: to GPU {t['overlapped_load']:.2f}, back {t['overlapped_write']:.2f})"
             f"  peak {m.get('peak_gpu_bytes', 0) / GiB:.1f} GiB (est. {m['estimated_gpu_bytes'] / GiB:.1f})")
-    # the first MoE layer also pays Triton's JIT compiles: the per-layer figures are over the others
+    # the first MoE layer also pays Triton's JIT compiles: the per-layer figures are over the others (and not over a
+    # profiled layer)
     moe = [m for m in res.layers if m["layer"] in shape["moe_layers"]]
-    steady = moe[1:] or moe
+    steady = [m for m in moe[1:] if m["layer"] not in skip_layers] or moe
     dense = [m for m in res.layers if m["layer"] not in shape["moe_layers"]]
     # the model's last layer has no re-run (no next layer): its re-run is averaged over the layers that have one
     last = res.layers[-1]["layer"]
@@ -140,6 +163,7 @@ def run_case(name: str, num_layers: int | None, tokens: torch.Tensor, cfg: Quant
         n_dense_total - len(dense))
     notes = [n for m in res.layers for rec in list(m["experts"].values()) + list(m["linears"].values())
              for n in rec.get("notes", [])]
+    with_rerun = [layer_s(m) for m in steady if m["layer"] != last]
     linears = 3 * shape["experts"]
     out = dict(case=name, layers_run=n, layers_total=total_layers, **{k: v for k, v in shape.items() if k != "moe_layers"},
                build_s=build_s, wall_s=wall, moe_layer_s=moe_mean, split_s=split,
@@ -150,8 +174,14 @@ def run_case(name: str, num_layers: int | None, tokens: torch.Tensor, cfg: Quant
                estimated_gib=max(m["estimated_gpu_bytes"] for m in res.layers) / GiB,
                offload=res.layers[0]["offload_activations"], overlap=res.layers[0]["overlap"],
                targets=list(cfg.targets), first_moe_layer_s=layer_s(moe[0]), lead_in_s=lead_in,
-               fp64_refactorisations=sum("fp64" in n for n in notes), damp_raised=sum("raising damp" in n for n in notes))
-    log(f"  -> wall {wall:.1f} s; MoE layer {moe_mean:.2f} s (first {out['first_moe_layer_s']:.2f} s); "
+               fp64_refactorisations=sum("fp64" in n for n in notes), damp_raised=sum("raising damp" in n for n in notes),
+               max_layer_with_rerun_s=max(with_rerun, default=None), skipped_layers=list(skip_layers),
+               layers=[dict(layer=m["layer"], total_s=layer_s(m), **m["times"],
+                            peak_gib=m.get("peak_gpu_bytes", 0) / GiB) for m in res.layers])
+    if digest:
+        out["packed_digest"] = packed_digests(res.packed)
+    log(f"  -> wall {wall:.1f} s; MoE layer {moe_mean:.2f} s (first {out['first_moe_layer_s']:.2f} s; slowest with a "
+        f"re-run {out['max_layer_with_rerun_s'] or 0:.2f} s); "
         f"{out['per_expert_linear_s'] * 1e3:.1f} ms per expert linear; whole model "
         f"{'measured' if not num_layers else 'extrapolated'} {whole:.0f} s; H⁻¹ notes: "
         f"{out['fp64_refactorisations']} fp64 refactorisations, {out['damp_raised']} damping raises; "
@@ -313,6 +343,13 @@ def markdown(meta: dict, cases: list[dict], baselines: list[dict], factors: list
                  f" | {c['per_expert_linear_s'] * 1e3:.1f} | {c['whole_model_s']:.0f} ({kind}) | "
                  f"{c['whole_per_expert_linear_s']:.4f} | {c['peak_gib']:.1f} ({c['estimated_gib']:.1f}) | "
                  f"{c['fp64_refactorisations']} / {c['damp_raised']} |")
+    for c in cases:
+        L += ["", f"{c['case']} per layer (s){' — layers ' + str(c['skipped_layers']) + ' profiled, not in the means' if c.get('skipped_layers') else ''}:", "",
+              "| layer | total | " + " | ".join(STAGES) + " | overlapped to GPU / back | peak GiB |",
+              "|---" * (4 + len(STAGES)) + "|"]
+        for m in c.get("layers", []):
+            L.append(f"| {m['layer']} | {m['total_s']:.2f} | " + " | ".join(f"{m[k]:.2f}" for k in STAGES) +
+                     f" | {m['overlapped_load']:.2f} / {m['overlapped_write']:.2f} | {m['peak_gib']:.1f} |")
     if baselines:
         L += ["", "Same-run baseline: one MoE layer, per-expert textbook GPTQ (Python column loop, Cholesky / inverse / "
               "Cholesky, lazy update), per-expert fp32 torch Hessians, full forward in the capture, no overlap.", "",
@@ -360,12 +397,18 @@ def main(argv=None):
     ap.add_argument("--update", choices=gptq_mod.UPDATES, help="GPTQ catch-up rule (default: the package's)")
     ap.add_argument("--cholesky", choices=gptq_mod.CHOLESKIES, help="Cholesky (default: the package's)")
     ap.add_argument("--cholesky-block", type=int, help="columns per step of the blocked Cholesky")
+    ap.add_argument("--profile-layer", type=int, help="run this layer of each case under torch.profiler")
+    ap.add_argument("--hash", action="store_true", help="digests of the packed tensors in the JSON")
+    ap.add_argument("--lanes", type=int, help="GPTQ solve lanes (pipeline.SOLVE_LANES)")
+    ap.add_argument("--weights-back-pinned", action="store_true", help="pipeline.WEIGHTS_BACK_PINNED = True")
+    ap.add_argument("--tag", default="", help="suffix of the output files")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_quantize needs a CUDA GPU")
     os.makedirs(args.out, exist_ok=True)
-    logf = open(os.path.join(args.out, "bench_quantize.log"), "a")
+    stem = os.path.join(args.out, "bench_quantize" + (f"_{args.tag}" if args.tag else ""))
+    logf = open(stem + ".log", "a")
 
     def log(msg):
         print(msg, flush=True)
@@ -375,18 +418,25 @@ def main(argv=None):
     gptq_mod.UPDATE = args.update or gptq_mod.UPDATE
     gptq_mod.CHOLESKY = args.cholesky or gptq_mod.CHOLESKY
     gptq_mod.CHOLESKY_BLOCK = args.cholesky_block or gptq_mod.CHOLESKY_BLOCK
+    if args.lanes:
+        pipeline_mod.SOLVE_LANES = args.lanes
+    if args.weights_back_pinned:
+        pipeline_mod.WEIGHTS_BACK_PINNED = True
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, date=datetime.date.today().isoformat(),
                 command="python benchmarks/bench_quantize.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                 samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size, update=gptq_mod.UPDATE,
-                cholesky=gptq_mod.CHOLESKY, cholesky_block=gptq_mod.CHOLESKY_BLOCK)
+                cholesky=gptq_mod.CHOLESKY, cholesky_block=gptq_mod.CHOLESKY_BLOCK,
+                solve_lanes=getattr(pipeline_mod, "SOLVE_LANES", 1),
+                weights_back_pinned=getattr(pipeline_mod, "WEIGHTS_BACK_PINNED", False),
+                pipeline_file=pipeline_mod.__file__)
     log(str(meta))
     cfg = QuantConfig(method="agq", bits=4, group_size=128, batch_size=args.batch_size, device="cuda")
     cases, baselines, factors, solves = [], [], [], []
 
     def save():
-        with open(os.path.join(args.out, "bench_quantize.json"), "w") as f:
+        with open(stem + ".json", "w") as f:
             json.dump(dict(meta=meta, cases=cases, baselines=baselines, factors=factors, solves=solves), f, indent=1)
-        with open(os.path.join(args.out, "bench_quantize.md"), "w") as f:
+        with open(stem + ".md", "w") as f:
             f.write(markdown(meta, cases, baselines, factors, solves) + "\n")
 
     def tokens_for(name):
@@ -402,8 +452,16 @@ def main(argv=None):
     want_baseline = list(filter(None, args.baseline.split(",")))
     for spec in filter(None, args.cases.split(",")):
         name, _, n = spec.partition(":")
-        cases.append(run_case(name, int(n) if n else None, tokens_for(name), case_config(name, cfg), log,
-                              overlap=False if args.no_overlap else None))
+        prof = contextlib.nullcontext()
+        if args.profile_layer is not None:
+            from quantize_profile import profiled_layer
+
+            prof = profiled_layer(pipeline_mod, args.profile_layer,
+                                  f"{stem}_profile_{name}_L{args.profile_layer}", log)
+        with prof:
+            cases.append(run_case(name, int(n) if n else None, tokens_for(name), case_config(name, cfg), log,
+                                  overlap=False if args.no_overlap else None, digest=args.hash,
+                                  skip_layers=() if args.profile_layer is None else (args.profile_layer,)))
         save()
         if name in want_baseline:  # right after its case: the ratio is in the results even if the run is cut short
             want_baseline.remove(name)

@@ -10,6 +10,12 @@ next to each other, so its rows are read from DRAM about once and re-read from L
 The affinity is applied to one operand (rows x * w against rows x), which is the same sum as rows scaled
 by sqrt(w) on both sides with one rounding to the input dtype instead of two. Diagonal tiles are
 symmetrised, so H is exactly symmetric.
+
+Wide tiles (`wide=2`): a program owns a BLOCK_K x 2·BLOCK_K tile, i.e. two neighbouring square tiles that share
+their row slab, so each row of x is loaded 1.5 times per pair of squares instead of twice (less traffic from L2
+per multiply-add, which limits the square kernel at large K). The accumulator is split back into its two squares
+for the epilogue, and each square is stored by the square kernel's rule (a diagonal square symmetrised, one
+below the diagonal skipped). Every element of H sums the same products in the same order as with square tiles.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ def _expert_hessian_kernel(
     x_ptr, w_ptr, sorted_ids_ptr, offsets_ptr, tiles_ptr, h_ptr,
     K, num_pairs, stride_x,
     TOPK: tl.constexpr, HAS_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SCALE_A: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SCALE_A: tl.constexpr, WIDE: tl.constexpr,
 ):
     tile = tl.program_id(0)
     e = tl.program_id(1)
@@ -35,12 +41,12 @@ def _expert_hessian_kernel(
     if start == end:  # no rows routed to this expert: H_e is left as it was
         return
     ti = tl.load(tiles_ptr + 2 * tile)
-    tj = tl.load(tiles_ptr + 2 * tile + 1)
+    tj = tl.load(tiles_ptr + 2 * tile + 1)  # in units of WIDE * BLOCK_K columns
     offs_i = ti * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_j = tj * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_j = tj * (WIDE * BLOCK_K) + tl.arange(0, WIDE * BLOCK_K)
     mask_i = offs_i < K
     mask_j = offs_j < K
-    acc = tl.zeros((BLOCK_K, BLOCK_K), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_K, WIDE * BLOCK_K), dtype=tl.float32)
     for p0 in range(start, end, BLOCK_T):  # the expert's run is a whole number of blocks
         offs_p = p0 + tl.arange(0, BLOCK_T)
         pair = tl.load(sorted_ids_ptr + offs_p)
@@ -57,25 +63,48 @@ def _expert_hessian_kernel(
         acc = tl.dot(tl.trans(a), b, acc, input_precision=DOT_PRECISION)
 
     h_base = h_ptr + e.to(tl.int64) * K * K
-    mask = mask_i[:, None] & mask_j[None, :]
+    if WIDE == 1:
+        _store_square(h_base, acc, ti, tj, K, BLOCK_K)
+    else:  # the two squares of the tile, each by the square rule
+        left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_K, 2, BLOCK_K)), (0, 2, 1)))
+        _store_square(h_base, left, ti, 2 * tj, K, BLOCK_K)
+        _store_square(h_base, right, ti, 2 * tj + 1, K, BLOCK_K)
+
+
+@triton.jit
+def _store_square(h_base, acc, ti, tj, K, BLOCK_K: tl.constexpr):
+    """H[ti-block, tj-block] += acc and its mirror, for square tiles of BLOCK_K; below the diagonal: nothing."""
+    offs_i = ti * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_j = tj * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_i < K)[:, None] & (offs_j < K)[None, :]
     ptr_ij = h_base + offs_i[:, None] * K + offs_j[None, :]
     if ti == tj:
         acc = (acc + tl.trans(acc)) * 0.5  # exact symmetry on the diagonal blocks
         tl.store(ptr_ij, tl.load(ptr_ij, mask=mask) + acc, mask=mask)
-    else:
+    elif ti < tj:
         tl.store(ptr_ij, tl.load(ptr_ij, mask=mask) + acc, mask=mask)
         ptr_ji = h_base + offs_j[None, :] * K + offs_i[:, None]  # tile (j, i) = acc transposed
         tl.store(ptr_ji, tl.load(ptr_ji, mask=mask) + acc, mask=mask)
 
 
+# Tile shape by default: 1 = square tiles, 2 = two squares side by side. Measured on the H100 (2026-11-25,
+# benchmarks/bench_quantize_parts.py, Mixtral's down_proj rows, K = 14336): square 20.7 ms, the best wide setting
+# 23.0 ms (same bits): the square kernel is not limited by its loads from L2 there, so wide tiles stay opt-in.
+WIDE = 1
+
 _TILE_CACHE: dict = {}
 
 
-def _upper_tiles(num_tiles: int, device) -> torch.Tensor:
-    """int32 [n(n+1)/2, 2]: (i, j) with i <= j, row-major."""
-    key = (num_tiles, str(device))
+def _upper_tiles(num_tiles: int, device, wide: int = 1) -> torch.Tensor:
+    """int32 [n, 2]: (i, j), row-major, for square tiles i <= j (wide=1); for tiles of `wide` squares side by side
+    (j counts wide tiles) those holding a square on or above the diagonal: i < wide·(j + 1)."""
+    key = (num_tiles, str(device), wide)
     if key not in _TILE_CACHE:
-        i, j = torch.triu_indices(num_tiles, num_tiles)
+        if wide == 1:
+            i, j = torch.triu_indices(num_tiles, num_tiles)
+        else:
+            pairs = [(a, b) for a in range(num_tiles) for b in range(-(-num_tiles // wide)) if a < wide * (b + 1)]
+            i, j = torch.tensor(pairs, dtype=torch.int64).reshape(-1, 2).T
         _TILE_CACHE[key] = torch.stack([i, j], 1).to(torch.int32).contiguous().to(device)
     return _TILE_CACHE[key]
 
@@ -104,13 +133,14 @@ def _check(x, topk_ids, weights, num_experts, H, counts):
 
 
 def expert_hessians(x, topk_ids, weights, num_experts, H=None, counts=None, *, block_k=None, block_t=None,
-                    num_warps=4, num_stages=None, scale_a=True):
+                    num_warps=None, num_stages=None, scale_a=True, wide=None):
     """H_e += sum over pairs (t, s) routed to e of w[t, s] * x_t x_tᵀ; counts_e += number of such pairs.
 
     x [T, K] bf16/fp16/fp32, topk_ids [T, k] int, weights [T, k] or None (plain GPTQ Hessians).
     For down_proj, whose inputs are one row per (token, expert), pass topk_ids [N, 1] and weights [N, 1].
     H (fp32 [E, K, K]) and counts (int64 [E]) are accumulated in place when given. Returns (H, counts).
     Same semantics as `moequant.reference.expert_hessians_ref`; weights must be >= 0.
+    wide: 1 (square tiles) or 2 (tiles of two squares side by side: module docstring); None: `WIDE`.
     """
     _check(x, topk_ids, weights, num_experts, H, counts)
     kernel = kernel_for(_expert_hessian_kernel, x.device, "expert_hessians")
@@ -125,20 +155,24 @@ def expert_hessians(x, topk_ids, weights, num_experts, H=None, counts=None, *, b
     bk = block_k or min(32 if interp else 128, max(16, next_pow2(K)))
     # Defaults from the H100 sweep of 2026-11-24 (E=64, K=2048, 64k tokens; /work/notes/bench_kernels.md):
     # GPTQ 32-row steps, 5 stages; AGQ (the scaling sits between load and dot) 64-row steps, 4 stages.
-    wide = x.dtype == torch.float32
-    bt = block_t or (16 if interp else (32 if weights is None or wide else 64))
-    num_stages = num_stages or (3 if wide else (5 if weights is None else 4))
+    fp32 = x.dtype == torch.float32
+    bt = block_t or (16 if interp else (32 if weights is None or fp32 else 64))
+    wide = wide or WIDE
+    if wide not in (1, 2):
+        raise ValueError(f"expert_hessians: wide must be 1 or 2, got {wide}")
+    num_warps = num_warps or (4 if wide == 1 else 8)
+    num_stages = num_stages or (3 if fp32 else (5 if weights is None else 4))
     x = x if x.stride(1) == 1 else x.contiguous()
     topk = topk_ids.shape[1]
     al = moe_align(topk_ids, num_experts, bt)
     w = None if weights is None else weights.contiguous()
-    tiles = _upper_tiles(triton.cdiv(K, bk), x.device)
+    tiles = _upper_tiles(triton.cdiv(K, bk), x.device, wide)
     grid = (tiles.shape[0], num_experts)
     precision = "tf32x3" if x.dtype == torch.float32 else "tf32"  # 16-bit operands ignore it
     kernel[grid](
         x, w if w is not None else x, al.sorted_ids, al.expert_offsets, tiles, H,
         K, al.num_pairs, x.stride(0),
-        TOPK=topk, HAS_W=w is not None, BLOCK_T=bt, BLOCK_K=bk, DOT_PRECISION=precision, SCALE_A=scale_a,
+        TOPK=topk, HAS_W=w is not None, BLOCK_T=bt, BLOCK_K=bk, DOT_PRECISION=precision, SCALE_A=scale_a, WIDE=wide,
         **({} if interp else {"num_warps": num_warps, "num_stages": num_stages}),
     )
     counts += al.counts

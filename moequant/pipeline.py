@@ -20,6 +20,11 @@ memory and the up-front estimate of it go into the layer's metadata; the split i
 Overlap on CUDA (`LayerLoader`, `LayerPersister`): layer i+1 is copied to the GPU (pinned staging, side stream,
 worker thread) and layer i-1 copied back (side stream into pinned staging, worker thread) while layer i computes.
 Events order the streams; the GPU holds up to three layers' weights at once, which the memory plan checks first.
+The pinned staging is allocated once, before the first layer (pinning stalls the GPU while it runs), and nothing
+copies from the GPU into pageable memory while a layer computes (such a copy stalls the compute stream too).
+The capture queues its batches without host syncs; the solve runs a layer's GPTQ jobs on two streams at once
+(`SolveLanes`) and writes each W_hat straight into the layer; the re-run uses transformers' grouped experts forward
+without its sentinel masking (`unmasked_grouped_experts`). All of it gives the same bits as one stream, synced.
 The layers may also come straight from the checkpoint's shards (`moequant.streaming`), for models larger than CPU RAM.
 
 Across processes (`moequant.distributed`) each rank accumulates and solves its own share of the layer's units
@@ -44,8 +49,8 @@ from tqdm.auto import tqdm
 from .config import QuantConfig
 from .distributed import Sharding
 from .models.adapter import ModelAdapter, MoEBlock, get_adapter
-from .packing import PackedWeight, dequantize
-from .quant.gptq import gptq_quantize, gptq_workspace_bytes
+from .packing import PackedWeight, dequantize, packed_rows
+from .quant.gptq import _matmul_precision, gptq_quantize, gptq_workspace_bytes
 from .quant.hessian import dense_hessian_, expert_hessians
 from .quant.quantizer import rtn, to_packed
 from .streaming import put_tensor
@@ -215,25 +220,109 @@ def _pinned_empty(shape, dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, pin_memory=True)
 
 
-class _PinnedPool:
-    """Staging buffers in page-locked memory, allocated once and reused by every layer.
+class _PinnedArena:
+    """Staging memory in page-locked CPU memory: one buffer, allocated once and reused by every layer.
 
     Pinning is slow (about 1-2 GB/s) and holds the driver's lock, which stalls the compute thread's launches: measured
-    on the H100, a layer whose prefetch had to pin 2.8 GB of fresh staging took 1.7 s longer in its Hessian stage.
-    PyTorch's host allocator caches freed blocks too, but the loader and the write-back thread then take each other's
-    blocks and pin more; a pool per direction settles after the first layer. Buffers are keyed (one per tensor of a
-    layer) and grow when a later layer needs more (DeepSeek's dense first layer vs its MoE layers).
+    on the H100, a layer whose prefetch had to pin 2.8 GB of fresh staging took 1.7 s longer in its Hessian stage, and
+    a layer whose write-back pinned the packed weights' first staging took 0.4 s longer in its capture. So the arena is
+    sized up front (`reserve`, with the largest layer's bytes) before the layer loop, and each job takes its buffers
+    from it in turn (`reset`, then `take`). A job that asks for more than the arena holds gets a fresh pinned buffer
+    for the excess (logged), and the next `reset` grows the arena to what that job needed.
     """
 
-    def __init__(self):
-        self.buffers: dict = {}
+    ALIGN = 512  # bytes: every buffer starts on a DMA-friendly boundary
 
-    def get(self, key, shape, dtype) -> torch.Tensor:
+    def __init__(self, name: str):
+        self.name = name
+        self.buf: torch.Tensor | None = None
+        self.used = 0
+        self.needed = 0
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.buf is None else self.buf.numel()
+
+    def reserve(self, nbytes: int) -> None:
+        """Make the arena hold at least nbytes (only while no buffer taken from it is in use)."""
+        if nbytes > self.capacity:
+            self.buf = None  # the old block goes back to PyTorch's host cache before the new one is pinned
+            self.buf = _pinned_empty((nbytes,), torch.uint8)
+
+    def reset(self) -> None:
+        """Start a new job: every buffer taken before is free again (the caller made sure its copies are done)."""
+        if self.needed > self.capacity:
+            log.info(f"pinned staging ({self.name}): growing from {_fmt_gib(self.capacity)} to "
+                     f"{_fmt_gib(self.needed)}")
+            self.reserve(self.needed)
+        self.used = self.needed = 0
+
+    def take(self, shape, dtype) -> torch.Tensor:
         n = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-        buf = self.buffers.get(key)
-        if buf is None or buf.numel() < n:
-            buf = self.buffers[key] = _pinned_empty((max(n, 1),), torch.uint8)
-        return buf[:n].view(dtype).view(shape)
+        start = -(-self.used // self.ALIGN) * self.ALIGN
+        self.used = self.needed = start + n
+        if start + n > self.capacity:  # more than reserved: a fresh buffer now, a larger arena from the next job
+            return _pinned_empty(tuple(shape), dtype)
+        return self.buf[start:start + n].view(dtype).view(shape)
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _PinnedArena.ALIGN) * _PinnedArena.ALIGN
+
+
+def _tensor_bytes(layer: nn.Module) -> int:
+    """Arena bytes of a layer's parameters and buffers (meta tensors included: only shapes are read)."""
+    return sum(_aligned(t.numel() * t.element_size()) for t in list(layer.parameters()) + list(layer.buffers()))
+
+
+def _target_shapes(layer: nn.Module, adapter: ModelAdapter, cfg: QuantConfig) -> list[torch.Size]:
+    """Shapes of the weights the run quantizes in a layer ([out, in] linears, [E, out, in] experts)."""
+    kinds = [k for k in LINEAR_TARGETS if k in cfg.targets]
+    shapes = [m.weight.shape for m, _ in adapter.linears(layer, kinds).values()]
+    block = adapter.moe_block(layer)
+    if block is not None and "experts" in cfg.targets:
+        shapes += [getattr(block.experts, n).shape for n in ("gate_up_proj", "down_proj")]
+    return shapes
+
+
+def packed_layer_bytes(layer: nn.Module, adapter: ModelAdapter, cfg: QuantConfig) -> int:
+    """Bytes of a layer's packed weights (qweight, scales, zeros, g_idx), each buffer rounded up to the arena's
+    alignment: what the write-back stages on its way to CPU memory."""
+    spec = cfg.spec
+    scale_bytes = next(layer.parameters()).element_size()
+    total = 0
+    for shape in _target_shapes(layer, adapter, cfg):
+        *batch, R, C = shape
+        B, G = math.prod(batch), spec.groups(C)
+        parts = [B * packed_rows(C, spec.bits) * R * 4, B * G * R * scale_bytes]
+        parts += [] if spec.sym else [B * G * R]
+        parts += [B * C * 4] if cfg.act_order and not cfg.static_groups and cfg.method != "rtn" else []
+        total += sum(_aligned(n) for n in parts)
+    return total
+
+
+# The write-back copies a finished layer's weights into the model's CPU tensors by DMA into pinned staging and then a
+# CPU copy (True), or by a plain copy from the GPU into the pageable memory (False). Measured on the H100
+# (bench_quantize_parts.py, 2026-11-25): while a 2.8 GB pageable device-to-host copy ran on a side stream, compute on
+# the main stream ran ~6x slower (44 -> 255 ms for a capture-like loop), against ~1.0-1.3x for the pinned DMA and
+# CPU copy; the pinned way costs a larger pinned arena (the layer's bytes more), pinned once before the first layer.
+WEIGHTS_BACK_PINNED = True
+
+
+def writeback_staging_bytes(adapter: ModelAdapter, cfg: QuantConfig, streamed: bool, start_layer: int = 0) -> int:
+    """Pinned staging the write-back needs for its largest layer: the packed weights, and for a streamed layer also
+    the tensors stored unquantized (the rest of its weights go straight back into the model's CPU tensors, or with
+    `WEIGHTS_BACK_PINNED` through the staging too)."""
+    need = 0
+    for layer in list(adapter.layers)[start_layer:]:
+        n = packed_layer_bytes(layer, adapter, cfg)
+        if WEIGHTS_BACK_PINNED and not streamed:
+            n += _tensor_bytes(layer)
+        elif streamed:
+            n += _tensor_bytes(layer) - sum(_aligned(math.prod(sh) * next(layer.parameters()).element_size())
+                                            for sh in _target_shapes(layer, adapter, cfg))
+        need = max(need, n)
+    return need
 
 
 class InMemoryLayers:
@@ -257,7 +346,7 @@ class LayerLoader:
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="moequant-load") if self.prefetching else None
         self.pending = None  # (layer index, future)
-        self.staging = _PinnedPool()
+        self.staging = _PinnedArena("loads")
         self.last_copy = None  # event: the previous layer's copies out of `staging` are done
 
     @torch.no_grad()  # grad mode is per thread: the worker's must be off too
@@ -268,14 +357,17 @@ class LayerLoader:
             torch.cuda.set_device(self.device)
             if self.last_copy is not None:  # the staging buffers are about to be refilled
                 self.last_copy.synchronize()
-        for j, s in enumerate(slots):
+            self.staging.reset()
+            if self.staging.buf is None:  # the largest layer's size at once: no layer pins more later
+                self.staging.reserve(max(_tensor_bytes(l) for l in self.adapter.layers))
+        for s in slots:
             cur = s.current()
             streamed = cur.device.type == "meta"
             s.home = None if streamed else cur.data  # the CPU memory itself (the parameter object will move)
             if not self.cuda:
                 s.dev = self.source.fill(s.name, torch.empty(cur.shape, dtype=cur.dtype)) if streamed else s.home
                 continue
-            staging = self.staging.get(j, cur.shape, cur.dtype)
+            staging = self.staging.take(cur.shape, cur.dtype)
             self.source.fill(s.name, staging) if streamed else staging.copy_(cur)
             with torch.cuda.stream(self.stream):  # allocated for, and copied on, the side stream
                 s.dev = torch.empty(cur.shape, dtype=cur.dtype, device=self.device)
@@ -322,10 +414,10 @@ class LayerPersister:
 
     On CUDA this happens in the background, while the next layer computes: a worker thread queues the copies on a
     side stream behind an event that marks the end of the layer's compute — the packed weights into pinned staging
-    buffers (then into fresh pageable memory), the layer's quantized weights straight into the model's own CPU
-    tensors — waits for them and calls `on_layer_done`. At most one layer is in flight; `drain()` waits for it and
-    re-raises its errors. A streamed layer is released (meta device) at once: only its packed weights and the
-    tensors stored unquantized (norms, router, ...) are copied.
+    (then into fresh pageable memory), the layer's quantized weights into pinned staging too and from there into
+    the model's own CPU tensors (`WEIGHTS_BACK_PINNED`) — waits for them and calls `on_layer_done`. At most one
+    layer is in flight; `drain()` waits for it and re-raises its errors. A streamed layer is released (meta device)
+    at once: only its packed weights and the tensors stored unquantized (norms, router, ...) are copied.
     """
 
     def __init__(self, device, on_layer_done, result, keep_packed: bool, background: bool):
@@ -335,7 +427,7 @@ class LayerPersister:
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="moequant-write") if background else None
         self.pending = None
-        self.staging = _PinnedPool()  # used by one job at a time (jobs run one after the other)
+        self.staging = _PinnedArena("write-back")  # used by one job at a time (jobs run one after the other)
 
     def submit(self, i: int, slots: list[_Slot], packed: dict[str, PackedWeight], meta: dict, lead: bool) -> None:
         quantized = set(packed)
@@ -373,12 +465,13 @@ class LayerPersister:
             torch.cuda.set_device(self.device)
             with torch.cuda.stream(self.stream):
                 self.stream.wait_event(event)
-                stage = lambda key, t: self.staging.get(key, t.shape, t.dtype).copy_(t, non_blocking=True)
-                staged_packed = [stage(("packed", j), t) for j, t in enumerate(flat)]
-                staged = [None if home is not None else stage(("state", j), d) for j, (d, home, _) in
-                          enumerate(copies)]
+                self.staging.reset()
+                stage = lambda t: self.staging.take(t.shape, t.dtype).copy_(t, non_blocking=True)
+                staged_packed = [stage(t) for t in flat]
+                via_staging = WEIGHTS_BACK_PINNED  # the layer's own weights too: DMA, then a CPU copy into home
+                staged = [stage(d) if home is None or via_staging else None for d, home, _ in copies]
                 for d, home, _ in copies:  # the model's own (pageable) memory: a plain copy, this thread waits
-                    if home is not None:
+                    if home is not None and not via_staging:
                         home.copy_(d)
             self.stream.synchronize()
             pageable = lambda t: torch.empty(t.shape, dtype=t.dtype).copy_(t)
@@ -388,7 +481,7 @@ class LayerPersister:
         for (_, home, name), t in zip(copies, staged):
             if home is None:
                 state[name] = pageable(t)
-            elif not self.cuda:
+            elif t is not None:
                 home.copy_(t)
         it = iter(pageable(t) for t in staged_packed)
         cpu = {k: PackedWeight(*(next(it) if getattr(p, f) is not None else None for f in fields), p.bits,
@@ -435,11 +528,13 @@ def expert_intermediates(experts: nn.Module, x: torch.Tensor, ids: torch.Tensor,
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)  # pairs grouped by expert, (token, slot) order kept inside
     xs = x[order // ids.shape[1]]
-    counts = torch.bincount(flat, minlength=E)
     grouped = getattr(nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
     if x.is_cuda and grouped is not None and x.dtype == W.dtype == torch.bfloat16:
-        gu = grouped(xs, W.transpose(-2, -1), offs=torch.cumsum(counts, 0, dtype=torch.int32))
+        # group ends from the sorted ids: no host sync (torch.bincount reads its maximum back to size its output)
+        ends = torch.searchsorted(flat[order], torch.arange(E, device=x.device), right=True)
+        gu = grouped(xs, W.transpose(-2, -1), offs=ends.to(torch.int32))
     else:
+        counts = torch.bincount(flat, minlength=E)
         gu = torch.empty(xs.shape[0], W.shape[1], dtype=x.dtype, device=x.device)
         start = 0
         for j, n in enumerate(counts.tolist()):
@@ -475,6 +570,22 @@ def _scaled_rows(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
     return torch.mul(x, w.float().sqrt(), out=torch.empty_like(x))
 
 
+def _scaled_pair_rows(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [T, K], w [T, k] -> rows x_t·√w_ts [T·k, K] in (token, slot) order: `_scaled_rows` of x repeated once per
+    slot, without materialising the repeat (the same fp32 products, rounded once)."""
+    T, k = w.shape
+    out = torch.empty(T, k, x.shape[-1], dtype=x.dtype, device=x.device)
+    torch.mul(x.unsqueeze(1), w.float().sqrt().unsqueeze(-1), out=out)
+    return out.view(T * k, x.shape[-1])
+
+
+def _count_into(counts: torch.Tensor, ids: torch.Tensor) -> None:
+    """counts[e] += number of ids equal to e, without a host sync (torch.bincount on CUDA reads its maximum back)."""
+    s = ids.reshape(-1).sort().values
+    edges = torch.searchsorted(s, torch.arange(counts.numel() + 1, device=ids.device))
+    counts += edges.diff()
+
+
 SKIP_ROUTED_EXPERTS = True  # skip the routed experts' forward in the capture pass (see below)
 
 
@@ -491,6 +602,69 @@ def routed_experts_skipped(block: MoEBlock | None):
         yield
     finally:
         del block.experts.forward
+
+
+# The re-run computes the routed experts with transformers' grouped_mm forward minus its masking of expert-parallel
+# sentinel rows (`unmasked_grouped_experts`): the same numbers, three fewer passes over the expert rows.
+UNMASKED_RERUN = True
+
+
+def _grouped_experts_forward(experts: nn.Module, hidden_states, top_k_index, top_k_weights):
+    """transformers' `integrations.moe.grouped_mm_experts_forward` (5.x) for gated, concatenated, bias-free,
+    untransposed experts, op for op, without its three `masked_fill` passes for expert-parallel sentinel ids (ids past
+    the last expert): every id the router gives here is a real expert, so those passes (two of them over the
+    [pairs, 2I] gate/up output, ~60 ms per Mixtral layer on the H100) change nothing. Same numbers, bit for bit
+    (tests/test_scale.py compares the two on the GPU)."""
+    num_top_k, num_tokens, hidden_dim = top_k_index.size(-1), hidden_states.size(0), hidden_states.size(-1)
+    sample_weights = top_k_weights.reshape(-1)
+    expert_ids = top_k_index.reshape(-1)
+    expert_ids_g, perm = torch.sort(expert_ids)
+    selected = hidden_states[perm // num_top_k]
+    sample_weights_g = sample_weights[perm]
+    E = experts.num_experts
+    counted = expert_ids_g.float() if hidden_states.device.type in ("cpu", "mps") else expert_ids_g.int()
+    offsets = torch.cumsum(torch.histc(counted, bins=E, min=0, max=E - 1), dim=0, dtype=torch.int32)
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    proj = nn.functional.grouped_mm(selected.to(gate_up.dtype), gate_up.transpose(-2, -1), offs=offsets)
+    proj = experts._apply_gate(proj)
+    proj = nn.functional.grouped_mm(proj.to(down.dtype), down.transpose(-2, -1), offs=offsets)
+    weighted = proj * sample_weights_g.unsqueeze(-1)
+    inv_perm = torch.empty_like(perm)
+    inv_perm[perm] = torch.arange(perm.size(0), device=hidden_states.device)
+    weighted = weighted[inv_perm]
+    return weighted.view(num_tokens, num_top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
+
+
+def _runs_transformers_grouped_mm(experts: nn.Module) -> bool:
+    """Whether the experts' forward is transformers' own grouped_mm one, on its torch.grouped_mm path, for the layout
+    `_grouped_experts_forward` covers."""
+    try:
+        from transformers.integrations import moe as hf_moe
+
+        w = experts.gate_up_proj
+        return (getattr(experts.config, "_experts_implementation", None) == "grouped_mm"
+                and hf_moe.ALL_EXPERTS_FUNCTIONS["grouped_mm"] is hf_moe.grouped_mm_experts_forward
+                and getattr(experts, "has_gate", False) and not getattr(experts, "has_bias", True)
+                and not getattr(experts, "is_transposed", True) and getattr(experts, "is_concatenated", False)
+                and hasattr(nn.functional, "grouped_mm") and w.is_cuda
+                and torch.cuda.get_device_capability(w.device) >= (8, 0))
+    except (AttributeError, ImportError, KeyError):
+        return False
+
+
+@contextmanager
+def unmasked_grouped_experts(block: MoEBlock | None):
+    """Within: the block's routed experts run `_grouped_experts_forward` (where the model's experts forward is
+    transformers' grouped_mm one; otherwise nothing changes)."""
+    if block is None or not UNMASKED_RERUN or not _runs_transformers_grouped_mm(block.experts):
+        yield
+        return
+    ex = block.experts
+    ex.forward = lambda *args, **kwargs: _grouped_experts_forward(ex, *_experts_args(args, kwargs))
+    try:
+        yield
+    finally:
+        del ex.forward
 
 
 class LayerCollector:
@@ -513,7 +687,8 @@ class LayerCollector:
         self.dense_n = defaultdict(int)
         self.handles = []
         self._shared_c = None
-        self.hessian_seconds = 0.0
+        self._host_seconds = 0.0  # CPU: hook seconds by the host clock
+        self._events = []  # CUDA: (start, end) events around each hook's work
         if self.block is not None and "experts" in cfg.targets:
             E, H, I = self.block.num_experts, self.block.experts.gate_up_proj.shape[-1], self.block.intermediate_size
             self.owned = list(range(E)) if owned_experts is None else sorted(owned_experts)
@@ -538,11 +713,24 @@ class LayerCollector:
 
     @contextmanager
     def _timed(self):
-        _sync(self.device)
-        t0 = time.perf_counter()
+        """Time a hook's Hessian work. On CUDA by events on the compute stream, not host syncs: the capture then
+        queues its batches without waiting for the GPU (a sync in every hook left the GPU idle while Python caught
+        up). Read `hessian_seconds` after the stream has been synchronised."""
+        if not _is_cuda(self.device):
+            t0 = time.perf_counter()
+            yield
+            self._host_seconds += time.perf_counter() - t0
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         yield
-        _sync(self.device)
-        self.hessian_seconds += time.perf_counter() - t0
+        end.record()
+        self._events.append((start, end))
+
+    @property
+    def hessian_seconds(self) -> float:
+        """Seconds of Hessian work in the hooks so far (GPU time between each hook's events on CUDA)."""
+        return self._host_seconds + sum(s.elapsed_time(e) for s, e in self._events) / 1e3
 
     def _block_hook(self, _mod, args):
         x = args[0]
@@ -568,15 +756,21 @@ class LayerCollector:
                 w = w.float() ** self.cfg.affinity_power  # AGQ, Eq. 19: H_j = Σ_i c_ij x_i x_iᵀ
             else:
                 w = None  # GPTQ: every routed token counts once
-            self.tokens_per_expert += torch.bincount(ids.reshape(-1), minlength=E)
-            if self.local_of is not None or w is not None:  # one row per (token, expert) pair, in (token, slot) order
-                keep = torch.ones_like(ids, dtype=torch.bool) if self.local_of is None else self.local_of[ids] >= 0
-                t, s = torch.nonzero(keep, as_tuple=True)  # this rank's pairs only, when it owns a part
+            _count_into(self.tokens_per_expert, ids)
+            if self.local_of is not None:  # this rank's pairs only: one row per (token, expert) pair it owns
+                t, s = torch.nonzero(self.local_of[ids] >= 0, as_tuple=True)  # (token, slot) order; a host sync
                 x, ids, w = x[t], ids[t, s].unsqueeze(1), (None if w is None else w[t, s].unsqueeze(1))
             local = (lambda i: i) if self.local_of is None else (lambda i: self.local_of[i])
             n = len(self.owned)
             backend = self.cfg.hessian_backend
-            expert_hessians(_scaled_rows(x, w), local(ids), None, n, self.H_gate_up, self.n_gate_up, backend=backend)
+            if w is None:  # the kernel takes every (token, slot) pair of x itself
+                rows, rows_ids = x, ids
+            elif ids.shape[1] == 1:
+                rows, rows_ids = _scaled_rows(x, w), ids
+            else:  # all pairs, one row each in (token, slot) order
+                rows, rows_ids = _scaled_pair_rows(x, w), ids.reshape(-1, 1)
+            expert_hessians(rows, local(rows_ids), None, n, self.H_gate_up, self.n_gate_up, backend=backend)
+            del rows
             rows, rid, rw = expert_intermediates(mod, x, ids, w)
             expert_hessians(_scaled_rows(rows, rw), local(rid), None, n, self.H_down, self.n_down, backend=backend)
 
@@ -616,21 +810,24 @@ def solve_units(layer: nn.Module, adapter: ModelAdapter, cfg: QuantConfig, world
 
 
 def _solve(W: torch.Tensor, H: torch.Tensor | None, cfg: QuantConfig):
-    """Quantize W [B, R, C] with GPTQ (Hessians H [B, C, C]) or RTN (H None) -> (codes, scales, zeros, g_idx, notes)."""
+    """Quantize W [B, R, C] with GPTQ (Hessians H [B, C, C]) or RTN (H None)
+    -> (codes, scales, zeros, g_idx, notes, W_hat fp32 or None for RTN)."""
     if H is None:
         codes, scales, zeros = rtn(W, cfg.spec, W.dtype)
-        return codes, scales, zeros, None, []
+        return codes, scales, zeros, None, [], None
     r = gptq_quantize(W, H, cfg.spec, damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order,
                       static_groups=cfg.static_groups, scale_dtype=W.dtype, backend=cfg.gptq_backend)
-    return r.codes, r.scales, r.zeros, r.g_idx, r.notes
+    return r.codes, r.scales, r.zeros, r.g_idx, r.notes, r.weight
 
 
-def solve_experts(name: str, W: torch.Tensor, H: torch.Tensor | None, counts: torch.Tensor | None, cfg: QuantConfig):
-    """Quantize a stack of experts [E, R, C]; apply the empty-expert policy. Returns (packed, record)."""
+def _solve_stack(name: str, W: torch.Tensor, H: torch.Tensor | None, counts: torch.Tensor | None, cfg: QuantConfig):
+    """`solve_experts`, and also GPTQ's dequantized weights W_hat (fp32 [E, R, C]; None for RTN or when the
+    empty-expert policy replaced some experts' codes afterwards)."""
     E, R, C = W.shape
     record = {"empty_experts": [], "policy": None, "notes": []}
+    w_hat = None
     if H is None:  # RTN
-        codes, scales, zeros, g_idx, _ = _solve(W, None, cfg)
+        codes, scales, zeros, g_idx, _, _ = _solve(W, None, cfg)
     else:
         empty = torch.nonzero(counts == 0).flatten().tolist()
         if empty:
@@ -643,50 +840,224 @@ def solve_experts(name: str, W: torch.Tensor, H: torch.Tensor | None, counts: to
             if cfg.empty_expert == "identity":
                 H = H.clone()
                 H[empty] = torch.eye(C, device=H.device)
-        codes, scales, zeros, g_idx, notes = _solve(W, H, cfg)
+        codes, scales, zeros, g_idx, notes, w_hat = _solve(W, H, cfg)
         if empty and cfg.empty_expert == "rtn":
-            c2, s2, z2, _, _ = _solve(W[empty], None, cfg)
+            c2, s2, z2, _, _, _ = _solve(W[empty], None, cfg)
             codes[empty], scales[empty], zeros[empty] = c2, s2, z2.to(zeros.dtype)
             if g_idx is not None:
                 g_idx[empty] = (torch.arange(C, device=W.device) // cfg.spec.group_of(C)).to(g_idx.dtype)
+            w_hat = None
         record["notes"] = notes
-    return to_packed(codes, scales, zeros, cfg.spec, g_idx), record
+    return to_packed(codes, scales, zeros, cfg.spec, g_idx), record, w_hat
 
 
-def solve_unit(layer: nn.Module, prefix: str, unit: SolveUnit, collector: LayerCollector | None,
-               adapter: ModelAdapter, cfg: QuantConfig) -> dict[str, tuple[PackedWeight, dict]]:
-    """GPTQ (or RTN) of one unit -> {name relative to the layer: (packed, record)}."""
+def solve_experts(name: str, W: torch.Tensor, H: torch.Tensor | None, counts: torch.Tensor | None, cfg: QuantConfig):
+    """Quantize a stack of experts [E, R, C]; apply the empty-expert policy. Returns (packed, record)."""
+    p, record, _ = _solve_stack(name, W, H, counts, cfg)
+    return p, record
+
+
+@dataclass(frozen=True)
+class _SolveJob:
+    """One weight of a unit: a dense linear, or the gate_up / down stack of the unit's experts."""
+
+    unit: SolveUnit
+    name: str  # name relative to the layer (a linear's, or mlp.experts.gate_up_proj / down_proj)
+
+
+def _solve_jobs(units: list[SolveUnit]) -> list[_SolveJob]:
+    return [_SolveJob(u, n) for u in units
+            for n in ([u.linear] if u.linear is not None else ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])]
+
+
+# The GPTQ result's W_hat goes straight into the layer when it is bit for bit what dequantizing the packed weight
+# gives: (code − zero)·scale is exact in fp32 for 16-bit scales and codes of ≤ 8 bits, and fp32 models multiply the
+# same fp32 operands, so both round once, alike, to the model dtype. The write stage then skips that dequantization.
+_EXACT_W_HAT = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _solve_job(layer: nn.Module, prefix: str, job: _SolveJob, collector: LayerCollector | None,
+               adapter: ModelAdapter, cfg: QuantConfig, write: bool) -> tuple[PackedWeight, dict, bool]:
+    """GPTQ (or RTN) of one job -> (packed, record, whether W_hat was written into the layer's weight)."""
     gptq = cfg.method != "rtn"
-    out = {}
+    unit = job.unit
     with torch.no_grad():
         if unit.linear is not None:
             W = layer.get_submodule(unit.linear).weight.data
             H = collector.dense_H[unit.linear].unsqueeze(0) if gptq else None
             counts = torch.tensor([collector.dense_n[unit.linear]], device=W.device) if gptq else None
-            p, rec = solve_experts(f"{prefix}.{unit.linear}", W.unsqueeze(0), H, counts, cfg)
-            out[unit.linear] = (_unbatch(p), {"tokens": 0 if counts is None else int(counts[0])} | rec)
-            return out
-        a, b = unit.experts
-        ex = adapter.moe_block(layer).experts
-        la = collector.owned.index(a) if gptq else 0  # local position of expert a in this rank's Hessians
-        for pname, hname in (("gate_up_proj", "H_gate_up"), ("down_proj", "H_down")):
-            W = getattr(ex, pname).data[a:b]
+            p, rec, w_hat = _solve_stack(f"{prefix}.{unit.linear}", W.unsqueeze(0), H, counts, cfg)
+            p, rec = _unbatch(p), {"tokens": 0 if counts is None else collector.dense_n[unit.linear]} | rec
+        else:
+            a, b = unit.experts
+            pname = job.name.rsplit(".", 1)[-1]
+            hname = {"gate_up_proj": "H_gate_up", "down_proj": "H_down"}[pname]
+            la = collector.owned.index(a) if gptq else 0  # local position of expert a in this rank's Hessians
+            W = getattr(adapter.moe_block(layer).experts, pname).data[a:b]
             H = getattr(collector, hname)[la:la + b - a] if gptq else None
             counts = collector.tokens_per_expert[a:b] if gptq else None
-            p, rec = solve_experts(f"{prefix}.mlp.experts.{pname}[{a}:{b}]", W, H, counts, cfg)
+            p, rec, w_hat = _solve_stack(f"{prefix}.{job.name}[{a}:{b}]", W, H, counts, cfg)
             rec["empty_experts"] = [a + j for j in rec["empty_experts"]]
             if counts is not None:
                 rec["tokens_per_expert"] = counts.tolist()
-            out[f"mlp.experts.{pname}"] = (p, rec)
+        written = write and w_hat is not None and w_hat.dtype == torch.float32 and W.dtype in _EXACT_W_HAT
+        if written:
+            W.copy_(w_hat.view(W.shape))
+    return p, rec, written
+
+
+def solve_unit(layer: nn.Module, prefix: str, unit: SolveUnit, collector: LayerCollector | None,
+               adapter: ModelAdapter, cfg: QuantConfig) -> dict[str, tuple[PackedWeight, dict]]:
+    """GPTQ (or RTN) of one unit -> {name relative to the layer: (packed, record)}."""
+    out = {}
+    for job in _solve_jobs([unit]):
+        p, rec, _ = _solve_job(layer, prefix, job, collector, adapter, cfg, write=False)
+        out[job.name] = (p, rec)
     return out
+
+
+def _job_shape(layer: nn.Module, adapter: ModelAdapter, job: _SolveJob) -> tuple[int, int, int]:
+    """(matrices, rows, columns) of a job's weight."""
+    if job.unit.linear is not None:
+        return (1, *layer.get_submodule(job.unit.linear).weight.shape)
+    R, C = getattr(adapter.moe_block(layer).experts, job.name.rsplit(".", 1)[-1]).shape[1:]
+    return job.unit.experts[1] - job.unit.experts[0], R, C
+
+
+def _job_seconds(layer: nn.Module, adapter: ModelAdapter, job: _SolveJob, cfg: QuantConfig) -> float:
+    """A rough GPTQ time for scheduling: the Cholesky (C³/3) and catch-up (R·C²) multiply-adds of each matrix at
+    ~30 TFLOP/s (fp32), plus ~0.5 ms per block of columns (the inner loop's launches; small solves are all this)."""
+    B, R, C = _job_shape(layer, adapter, job)
+    return B * C * C * (C / 3 + R) / 30e12 + math.ceil(C / cfg.block_size) * 5e-4
+
+
+# On CUDA a layer's solve jobs run on this many streams at once, when the memory plan leaves room for that many
+# solve workspaces side by side (`SolveLanes`); 1 = one after the other.
+SOLVE_LANES = 2
+
+
+class SolveLanes:
+    """Runs a layer's solve jobs on several CUDA streams at once: this thread on the compute stream, the others on
+    worker threads with side streams. GPTQ's small pieces (per-block launches, small Cholesky panels, B=1 dense
+    solves) leave most of the GPU idle, so a second job fills it. Jobs go longest first onto the least-loaded lane.
+    Every job runs the same kernels on the same inputs as it would alone: the results are bit for bit the same.
+    (On CPU the lanes are plain threads; the pipeline uses lanes on CUDA only.)
+    `solve_layer` runs jobs of shapes it has not seen before one after the other (their kernels compile then, on one
+    thread), and stops using the lanes after an out-of-memory error (`usable`).
+    """
+
+    def __init__(self, device, lanes: int):
+        self.device, self.lanes = torch.device(device), lanes
+        self.cuda = self.device.type == "cuda"
+        self.seen: set = set()  # job shapes solved before
+        self.usable = True
+        self.streams = [torch.cuda.Stream(self.device) if self.cuda else None for _ in range(lanes - 1)]
+        self.pool = ThreadPoolExecutor(lanes - 1, thread_name_prefix="moequant-solve")
+        if self.cuda:  # PyTorch loads its CUDA linear-algebra library on first use, and two threads doing that at once
+            eye = torch.eye(2, device=self.device)  # fail ("lazy wrapper should be called at most once"): load it here
+            torch.linalg.cholesky_ex(eye)
+            torch.linalg.solve_triangular(eye, eye, upper=True)
+
+    def run(self, jobs: list, fn, seconds) -> None:
+        loads, plan = [0.0] * self.lanes, [[] for _ in range(self.lanes)]
+        for job in sorted(jobs, key=seconds, reverse=True):
+            k = min(range(self.lanes), key=loads.__getitem__)
+            plan[k].append(job)
+            loads[k] += seconds(job)
+        main = torch.cuda.current_stream(self.device) if self.cuda else None
+        ready = None
+        if self.cuda:
+            ready = torch.cuda.Event()
+            ready.record(main)  # the Hessians are complete
+        # TF32 is a process-wide switch that every GPTQ call sets and restores: held off here for the whole solve,
+        # so that one lane restoring a caller's setting cannot switch it on under another
+        with _matmul_precision(False):
+            futures = [self.pool.submit(self._lane, stream, ready, part, fn)
+                       for stream, part in zip(self.streams, plan[1:]) if part]
+            error = None
+            try:
+                for job in plan[0]:
+                    fn(job)
+            except BaseException as e:  # noqa: BLE001 - re-raised below, after the other lanes are done
+                error = e
+            for f in futures:
+                try:
+                    done = f.result()
+                    if done is not None:
+                        main.wait_event(done)
+                except BaseException as e:  # noqa: BLE001
+                    error = error or e
+        if error is not None:
+            raise error
+
+    @torch.no_grad()  # grad mode is per thread
+    def _lane(self, stream, ready, jobs, fn):
+        if not self.cuda:
+            for job in jobs:
+                fn(job)
+            return None
+        torch.cuda.set_device(self.device)
+        with torch.cuda.stream(stream):
+            stream.wait_event(ready)
+            try:
+                for job in jobs:
+                    fn(job)
+            except BaseException:
+                stream.synchronize()  # nothing of this lane's is still running when its error reaches the loop
+                raise
+            done = torch.cuda.Event()
+            done.record(stream)
+        return done
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+def solve_layer(layer: nn.Module, prefix: str, units: list[SolveUnit], collector: LayerCollector | None,
+                adapter: ModelAdapter, cfg: QuantConfig, lanes: SolveLanes | None = None, write: bool = True
+                ) -> tuple[dict[int, dict], set[tuple[int, str]]]:
+    """Solve the given units -> ({unit: {name: (packed, record)}}, the (unit, name) whose W_hat is in the layer).
+
+    write: put each GPTQ W_hat into the layer as soon as it is solved (where exact, `_EXACT_W_HAT`).
+    lanes: run the jobs side by side on several streams (`SolveLanes`); None runs them one after the other.
+    """
+    jobs = _solve_jobs(units)
+    results = {}
+
+    def run(job):
+        results[job] = _solve_job(layer, prefix, job, collector, adapter, cfg, write)
+
+    shapes = {_job_shape(layer, adapter, j) for j in jobs}
+    if lanes is not None and lanes.usable and len(jobs) > 1 and shapes <= lanes.seen:
+        try:
+            lanes.run(jobs, run, lambda j: _job_seconds(layer, adapter, j, cfg))
+        except torch.OutOfMemoryError:
+            lanes.usable = False
+            log.warning("out of GPU memory with GPTQ solves side by side: the jobs left, and every later layer's, "
+                        "are solved one after the other")
+    if len(results) < len(jobs) and lanes is not None and lanes.cuda:
+        torch.cuda.empty_cache()
+    for job in jobs:  # one after the other: without lanes, a job an out-of-memory error stopped, new shapes
+        if job not in results:
+            run(job)
+    if lanes is not None:
+        lanes.seen |= shapes
+    solved, written = {u.index: {} for u in units}, set()
+    for job in jobs:  # in unit order, as before: the metadata keeps its order
+        p, rec, w = results[job]
+        solved[job.unit.index][job.name] = (p, rec)
+        if w:
+            written.add((job.unit.index, job.name))
+    return solved, written
 
 
 # -- write back ---------------------------------------------------------------------------------------------------
 
-def write_back(layer: nn.Module, prefix: str, units: list[SolveUnit], solved: dict[int, dict], adapter: ModelAdapter
-               ) -> tuple[dict[str, PackedWeight], dict]:
+def write_back(layer: nn.Module, prefix: str, units: list[SolveUnit], solved: dict[int, dict], adapter: ModelAdapter,
+               written: set[tuple[int, str]] = frozenset()) -> tuple[dict[str, PackedWeight], dict]:
     """Put the dequantized packed weights into the layer (what is in the model is exactly what was packed).
 
+    written: (unit, name) pairs whose values the solve already put into the layer (`solve_layer`): not redone.
     Returns the layer's packed weights by parameter path (expert chunks joined into one [E, ...] tensor each) and
     its metadata.
     """
@@ -695,9 +1066,11 @@ def write_back(layer: nn.Module, prefix: str, units: list[SolveUnit], solved: di
     with torch.no_grad():
         for unit in sorted(units, key=lambda u: u.linear is None):  # linears first, then experts (stable order)
             for name, (p, rec) in solved[unit.index].items():
+                done = (unit.index, name) in written
                 if unit.linear is not None:
                     W = layer.get_submodule(name).weight
-                    W.data.copy_(dequantize(p, W.dtype))
+                    if not done:
+                        W.data.copy_(dequantize(p, W.dtype))
                     packed[f"{prefix}.{name}"] = p
                     meta["linears"][name] = {"tokens": rec["tokens"]} | _slim(
                         {k: v for k, v in rec.items() if k != "tokens"})
@@ -706,7 +1079,7 @@ def write_back(layer: nn.Module, prefix: str, units: list[SolveUnit], solved: di
                 W = layer.get_parameter(name)
                 E, R, C = p.qweight.shape[0], p.out_features, p.in_features
                 step = max(1, (1 << 27) // (R * C))  # experts at a time: unpacking makes int64 [step, C, R]
-                for j in range(0, E, step):
+                for j in range(0, E if not done else 0, step):
                     k = min(j + step, E)
                     W.data[a + j:a + k].copy_(dequantize(_slice(p, j, k), W.dtype))
                 chunks[name].append((p, rec))
@@ -756,14 +1129,15 @@ def quantize_layer(layer: nn.Module, prefix: str, collector: LayerCollector | No
                    cfg: QuantConfig) -> tuple[dict[str, PackedWeight], dict]:
     """Solve every target weight of one layer (one process) and write the quantized values back in place."""
     units = solve_units(layer, adapter, cfg)
-    solved = {u.index: solve_unit(layer, prefix, u, collector, adapter, cfg) for u in units}
-    return write_back(layer, prefix, units, solved, adapter)
+    solved, written = solve_layer(layer, prefix, units, collector, adapter, cfg)
+    return write_back(layer, prefix, units, solved, adapter, written)
 
 
 # -- memory -------------------------------------------------------------------------------------------------------
 
 def estimate_layer_memory(layer: nn.Module, adapter: ModelAdapter, cfg: QuantConfig, *, num_tokens: int,
-                          batch_tokens: int, offload: bool, sharding: Sharding = Sharding()) -> dict[str, int]:
+                          batch_tokens: int, offload: bool, sharding: Sharding = Sharding(),
+                          solve_lanes: int = 1) -> dict[str, int]:
     """Peak accelerator bytes of quantizing one layer, by part (an estimate: ±20%).
 
     weights      the layer's parameters
@@ -772,7 +1146,8 @@ def estimate_layer_memory(layer: nn.Module, adapter: ModelAdapter, cfg: QuantCon
                  when offloaded
     forward      one batch through the layer: the experts' gate_up / activation / down-input rows (T_b·k·(3I + H))
                  and attention temporaries (~8·T_b·H), in the activation dtype (assumes SDPA/flash attention)
-    solve        the largest owned unit's GPTQ workspace (`gptq_workspace_bytes`) and its int64 packing transient
+    solve        the largest owned weight's GPTQ workspace (`gptq_workspace_bytes`) and its int64 packing
+                 transient; with `solve_lanes` > 1 the sum of that many of the largest (`SolveLanes`)
     peak = weights + hessians + activations + max(forward, solve)
     """
     p0 = next(layer.parameters())
@@ -782,7 +1157,8 @@ def estimate_layer_memory(layer: nn.Module, adapter: ModelAdapter, cfg: QuantCon
     units = solve_units(layer, adapter, cfg, sharding.world_size)
     mine = [u for u in units if sharding.mine(u.index)]
     gptq = cfg.method != "rtn"
-    hessians = solve = 0
+    hessians = 0
+    solves = [0]
     block = adapter.moe_block(layer)
     for u in mine:
         if u.linear is not None:
@@ -794,7 +1170,8 @@ def estimate_layer_memory(layer: nn.Module, adapter: ModelAdapter, cfg: QuantCon
             shapes = [tuple(getattr(block.experts, n).shape[1:]) for n in ("gate_up_proj", "down_proj")]
         for R, C in shapes:
             hessians += B * C * C * 4 if gptq else 0
-            solve = max(solve, (gptq_workspace_bytes(B, R, C) if gptq else B * R * C * 4) + 8 * B * R * C)
+            solves.append((gptq_workspace_bytes(B, R, C) if gptq else B * R * C * 4) + 8 * B * R * C)
+    solve = sum(sorted(solves, reverse=True)[:max(1, solve_lanes)])
     if block is not None:
         k = getattr(block.router, "top_k", None) or getattr(adapter.model.config, "num_experts_per_tok", 1)
         I = block.intermediate_size
@@ -951,8 +1328,21 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calib_tokens: torch.Tenso
                 log.info("no GPU memory left for two more layers' weights: layers are moved on and off the GPU "
                          "without overlapping the compute")
     extra = 2 * max((e["weights"] for e in estimates), default=0) if overlap else 0  # prefetched + being written
+    lanes = None
+    if device.type == "cuda" and needs_data and SOLVE_LANES > 1 and estimates:
+        wide = [estimate_layer_memory(l, adapter, cfg, num_tokens=n_tokens, batch_tokens=cfg.batch_size * seq,
+                                      offload=offload, sharding=sharding, solve_lanes=SOLVE_LANES)
+                for l in list(layers)[start_layer:]]
+        if _free_bytes(device) - max(e["peak"] for e in wide) - extra >= 0:
+            estimates, lanes = wide, SolveLanes(device, SOLVE_LANES)
+        else:
+            log.info(f"no GPU memory for {SOLVE_LANES} GPTQ solves side by side: a layer's weights are solved one "
+                     f"after the other")
     loader = LayerLoader(adapter, device, source, prefetch=bool(overlap))
     persister = LayerPersister(device, on_layer_done, result, keep_packed, background=bool(overlap))
+    if persister.cuda:  # pinned now, before any layer computes (pinning stalls the compute thread's launches)
+        persister.staging.reserve(writeback_staging_bytes(adapter, cfg, getattr(source, "streamed", False),
+                                                          start_layer))
     try:
         loader.prefetch(start_layer)  # the first layer's copy overlaps the embedding forward
         inputs = None
@@ -964,11 +1354,14 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calib_tokens: torch.Tenso
                    disable=not progress or sharding.rank != 0, unit="layer")
         for i in bar:
             _quantize_one_layer(i, adapter, cfg, device, sharding, inputs, loader, persister, result,
-                                offload, estimates[i - start_layer]["peak"] + extra, overlap=bool(overlap))
+                                offload, estimates[i - start_layer]["peak"] + extra, overlap=bool(overlap),
+                                lanes=lanes)
         persister.drain()
     finally:
         loader.close()
         persister.close()
+        if lanes is not None:
+            lanes.close()
     for name, child in adapter.backbone.named_children():
         if name != "layers":
             child.to("cpu")
@@ -981,7 +1374,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calib_tokens: torch.Tenso
 
 
 def _quantize_one_layer(i, adapter, cfg, device, sharding, inputs, loader, persister, result, offload, estimate,
-                        overlap):
+                        overlap, lanes=None):
     layers, needs_data = adapter.layers, cfg.method != "rtn"
     prefix = adapter.layer_prefix(i)
     clock = _StageClock(device)
@@ -1006,17 +1399,17 @@ def _quantize_one_layer(i, adapter, cfg, device, sharding, inputs, loader, persi
         clock.times["capture"] -= collector.hessian_seconds
         clock.times["hessian"] = collector.hessian_seconds
 
-    with clock("solve"):  # 3 solve this rank's units
-        solved = {u.index: solve_unit(layer, prefix, u, collector, adapter, cfg) for u in mine}
+    with clock("solve"):  # 3 solve this rank's units (their W_hat goes into the layer as each is solved)
+        solved, written = solve_layer(layer, prefix, mine, collector, adapter, cfg, lanes)
         del collector
 
-    with clock("write"):  # 4 exchange between ranks, write the quantized weights back into the layer
+    with clock("write"):  # 4 exchange between ranks, write the other quantized weights back into the layer
         solved = sharding.exchange(solved, len(units))
-        packed, meta = write_back(layer, prefix, units, solved, adapter)
+        packed, meta = write_back(layer, prefix, units, solved, adapter, written)
         del solved
 
     if needs_data and i + 1 < len(layers):  # 5 re-run: the next layer sees this layer's quantized outputs
-        with clock("rerun"), torch.no_grad():
+        with clock("rerun"), torch.no_grad(), unmasked_grouped_experts(adapter.moe_block(layer)):
             inputs.advance(layer)
 
     clock.times.update(overlapped_load=load_seconds if overlap else 0.0, overlapped_write=0.0)

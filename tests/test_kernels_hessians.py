@@ -70,15 +70,16 @@ def test_alignment_groups_pairs_by_expert():
 
 
 @interpreter
+@pytest.mark.parametrize("wide", [1, 2])
 @pytest.mark.parametrize("dtype,weighted", [(torch.float32, True), (torch.float16, False), (torch.float16, True)])
-def test_hessians_cpu_interpreter(dtype, weighted):
+def test_hessians_cpu_interpreter(dtype, weighted, wide):
     gen = torch.Generator().manual_seed(1)
     T, K, E, k = 48, 72, 4, 2  # K not a multiple of the tile: masked edges
     x, ids, w = _inputs(T, K, E - 1, k, dtype, "cpu", weighted, gen)  # expert E-1 gets no rows: H stays
     H0 = torch.randn(E, K, K, generator=gen)
     H0 = H0 + H0.transpose(1, 2)
     c0 = torch.randint(0, 10, (E,), generator=gen)
-    H, c = expert_hessians(x, ids, w, E, H=H0.clone(), counts=c0.clone())
+    H, c = expert_hessians(x, ids, w, E, H=H0.clone(), counts=c0.clone(), wide=wide)
     exact = _exact(x, ids, w, E) + H0.double()
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     assert torch.isfinite(H).all()
@@ -133,6 +134,9 @@ def test_hessians_gpu(dtype, weighted):
     assert torch.isfinite(H).all()
     assert _rel(H, exact) < (4e-3 if weighted else 1e-5)
     assert torch.equal(H, H.transpose(1, 2))
+    for wide in (1, 2):  # either tile shape: the same sums in the same order, so the same bits (onto a filled H:
+        Hw, _ = expert_hessians(x, ids, w, E, H=torch.full_like(H, 7.0), wide=wide)  # every element is added to)
+        assert torch.equal(Hw, H + 7.0), wide
     H0 = torch.randn(E, K, K, generator=gen).cuda()  # accumulating: every tile must add onto what was there
     H2, c2 = expert_hessians(x, ids, w, E, H=H0.clone(), counts=c)
     assert _rel(H2, exact + H0.double().cpu()) < (4e-3 if weighted else 1e-5)

@@ -6,6 +6,7 @@ import torch
 import transformers as T
 
 from conftest import make_tiny
+from test_pipeline import _starve_expert
 from moequant.config import QuantConfig
 from moequant.kernels._triton_utils import interpreting
 from moequant.models import get_adapter, real_config
@@ -332,6 +333,7 @@ def test_grouped_gemm_expert_intermediates_on_gpu():
     x = torch.randn(50, 64, generator=g).to(torch.bfloat16)
     ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(50)])
     ids[:, 0] = torch.where(ids[:, 0] == 5, 6, ids[:, 0])  # an expert with fewer rows
+    ids[ids == 3] = 7  # and one with none (its group is empty)
     w = torch.rand(50, 2, generator=g)
     cpu = expert_intermediates(block.experts, x, ids, w)
     gpu = expert_intermediates(block.experts.cuda(), x.cuda(), ids.cuda(), w.cuda())
@@ -366,3 +368,197 @@ def test_gpu_overlap_and_streaming_are_exact(tmp_path):
             q = runs[name].packed[k]
             assert q.qweight.device.type == "cpu"
             assert torch.equal(p.qweight, q.qweight) and torch.equal(p.scales, q.scales), (name, k)
+
+
+# -- solve lanes, the solved weights in the layer, the pinned staging, sync-free capture pieces ---------------------
+
+
+@pytest.mark.parametrize("dtype,settings", [
+    (torch.bfloat16, dict()),
+    (torch.float32, dict(sym=False, act_order=True)),
+    (torch.float16, dict(static_groups=True, act_order=True)),
+])
+def test_solved_weights_in_the_layer_are_the_packed_values(dtype, settings):
+    """The solve writes GPTQ's W_hat into the layer and the write stage skips those weights: what the model holds is
+    still exactly what was packed (dequantized). An expert RTN'd by the empty-expert policy is written from its
+    packed codes instead."""
+    model = make_tiny("mixtral").to(dtype)
+    _starve_expert(model, 2)
+    res = quantize_model(model, QuantConfig(method="agq", group_size=32, device="cpu", **settings), _calib(),
+                         progress=False)
+    assert any(2 in rec.get("empty_experts", ()) for m in res.layers for rec in m["experts"].values())
+    for k, p in res.packed.items():
+        param = model.get_parameter(k if ".mlp.experts." in k + "." else k + ".weight")
+        assert torch.equal(p.dequantize(param.dtype), param.data), k
+
+
+def test_solve_lanes_give_the_same_bits_and_raise_errors(monkeypatch):
+    """Jobs spread over lanes (threads; streams on CUDA) give the same packed bits as one after the other, longest
+    first; an error in any lane reaches the caller after every lane has stopped."""
+    from moequant import pipeline as pl
+
+    model = make_tiny("qwen3_moe", experts=4)
+    adapter = get_adapter(model)
+    cfg = QuantConfig(method="agq", group_size=32, device="cpu")
+    layer = adapter.layers[0]
+    inputs = pl.capture_layer_inputs(adapter, [_calib()], "cpu")
+    col = pl.LayerCollector(layer, adapter, cfg, "cpu")
+    with torch.no_grad():
+        layer(inputs[0][0], **inputs[0][1])
+    col.remove()
+    units = pl.solve_units(layer, adapter, cfg)
+    one, _ = pl.solve_layer(layer, "p", units, col, adapter, cfg, write=False)
+    lanes = pl.SolveLanes("cpu", 3)
+    runs, run = [], lanes.run
+    monkeypatch.setattr(lanes, "run", lambda *a: (runs.append(1), run(*a))[1])
+
+    def same(many):
+        assert [list(v) for v in many.values()] == [list(v) for v in one.values()]  # same order of names
+        for u, names in one.items():
+            for n, (p, rec) in names.items():
+                q, rec2 = many[u][n]
+                assert torch.equal(p.qweight, q.qweight) and torch.equal(p.scales, q.scales) and rec == rec2, n
+    try:
+        same(pl.solve_layer(layer, "p", units, col, adapter, cfg, lanes, write=False)[0])
+        assert runs == []  # shapes seen for the first time: one after the other (kernels compile on one thread)
+        same(pl.solve_layer(layer, "p", units, col, adapter, cfg, lanes, write=False)[0])
+        assert runs == [1] and lanes.usable
+        solve_job, failed = pl._solve_job, []
+
+        def oom_once(*a, **k):  # a lane runs out of memory once: its job is redone after the others, no lanes after
+            if not failed:
+                failed.append(1)
+                raise torch.OutOfMemoryError("no memory")
+            return solve_job(*a, **k)
+        monkeypatch.setattr(pl, "_solve_job", oom_once)
+        same(pl.solve_layer(layer, "p", units, col, adapter, cfg, lanes, write=False)[0])
+        assert failed and runs == [1, 1] and not lanes.usable
+        ran = []
+
+        def job(j):
+            ran.append(j)
+            if j == "b":
+                raise KeyError("lane failed")
+        with pytest.raises(KeyError, match="lane failed"):
+            lanes.run(["a", "b", "c", "d"], job, {"a": 4, "b": 3, "c": 2, "d": 1}.get)
+        assert sorted(ran[:3]) == ["a", "b", "c"]  # the three longest start first, one per lane
+    finally:
+        lanes.close()
+
+
+def test_pinned_arena_reuses_one_buffer_and_grows_once(monkeypatch):
+    from moequant import pipeline as pl
+
+    made = []
+
+    def fake_pinned(shape, dtype):  # no pinned allocator without a GPU: plain memory, counted
+        made.append(shape)
+        return torch.empty(shape, dtype=dtype)
+    monkeypatch.setattr(pl, "_pinned_empty", fake_pinned)
+    a = pl._PinnedArena("test")
+    a.reserve(4096)
+    x = a.take((10,), torch.float32)
+    y = a.take((3, 5), torch.bfloat16)
+    assert x.data_ptr() == a.buf.data_ptr() and y.data_ptr() == a.buf.data_ptr() + 512  # aligned, no overlap
+    a.reset()
+    assert a.take((10,), torch.float32).data_ptr() == x.data_ptr() and len(made) == 1  # reused, nothing pinned
+    z = a.take((2000,), torch.float32)  # past the end: a buffer of its own now ...
+    assert z.shape == (2000,) and len(made) == 2
+    a.reset()  # ... and the arena grows to what the job needed
+    assert a.capacity >= 512 + 8000 and len(made) == 3
+    a.reset()
+    a.take((2000,), torch.float32)
+    assert len(made) == 3
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(method="gptq", sym=False, act_order=True), dict(group_size=-1),
+                                      dict(act_order=True)])
+def test_packed_bytes_estimate_is_what_the_write_back_stages(settings):
+    from moequant import pipeline as pl
+
+    model = make_tiny("qwen2_moe", layers=1)
+    cfg = QuantConfig(**{"method": "rtn", "group_size": 32, "device": "cpu", **settings})
+    adapter = get_adapter(model)
+    expected = pl.packed_layer_bytes(adapter.layers[0], adapter, cfg)
+    res = quantize_model(model, cfg, _calib(), progress=False)
+    staged = sum(pl._aligned(t.numel() * t.element_size()) for p in res.packed.values()
+                 for t in (p.qweight, p.scales, p.qzeros, p.g_idx) if t is not None)
+    assert expected == staged
+
+
+def test_sync_free_capture_pieces_match_the_plain_ops():
+    from moequant import pipeline as pl
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(37, 24, generator=g).to(torch.bfloat16)
+    w = torch.rand(37, 3, generator=g)
+    rows = pl._scaled_pair_rows(x, w)
+    assert torch.equal(rows, pl._scaled_rows(x.repeat_interleave(3, 0), w.reshape(-1, 1)))
+    ids = torch.randint(0, 6, (37, 3), generator=g)
+    ids[ids == 4] = 5  # an expert with no pairs
+    counts = torch.ones(7, dtype=torch.int64)
+    pl._count_into(counts, ids)
+    assert torch.equal(counts, 1 + torch.bincount(ids.reshape(-1), minlength=7))
+
+
+@GPU
+@pytest.mark.gpu
+def test_gpu_solve_lanes_and_pinned_write_back_are_exact(monkeypatch):
+    """Solve lanes (side streams) and the pinned write-back of the layer's weights give the bits of one stream and
+    the pageable copy; the model in CPU memory holds exactly the packed values."""
+    from moequant import pipeline as pl
+
+    base = make_tiny("mixtral", layers=3).to(torch.bfloat16)
+    cfg = QuantConfig(method="agq", group_size=32, device="cuda", batch_size=2)
+    runs = {}
+    for name, lanes, pinned in (("one", 1, False), ("lanes", 2, False), ("lanes-pinned", 3, True)):
+        monkeypatch.setattr(pl, "SOLVE_LANES", lanes)
+        monkeypatch.setattr(pl, "WEIGHTS_BACK_PINNED", pinned)
+        model = T.AutoModelForCausalLM.from_config(base.config).to(torch.bfloat16).eval()
+        model.load_state_dict(base.state_dict())
+        runs[name] = quantize_model(model, cfg, _calib(), progress=False, overlap=True)
+        for k, p in runs[name].packed.items():
+            param = model.get_parameter(k if ".mlp.experts." in k + "." else k + ".weight")
+            assert param.device.type == "cpu" and torch.equal(p.dequantize(param.dtype), param.data), (name, k)
+    for name in ("lanes", "lanes-pinned"):
+        for k, p in runs["one"].packed.items():
+            q = runs[name].packed[k]
+            assert torch.equal(p.qweight, q.qweight) and torch.equal(p.scales, q.scales), (name, k)
+
+
+def _compare_unmasked_experts(model_type, dtype, device):
+    from transformers.integrations import moe as hf_moe
+
+    from moequant import pipeline as pl
+
+    model = make_tiny(model_type).to(dtype).to(device)
+    ex = get_adapter(model).moe_blocks()[0][1].experts
+    g = torch.Generator().manual_seed(5)
+    T, E = 70, ex.num_experts
+    x = torch.randn(T, ex.gate_up_proj.shape[-1], generator=g).to(dtype).to(device)
+    ids = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(T)])
+    ids[ids == 1] = 2  # an expert with no tokens: an empty group
+    w = torch.rand(T, 2, generator=g)
+    ids, w = ids.to(device), w.to(device)
+    with torch.no_grad():
+        ref = hf_moe.grouped_mm_experts_forward(ex, x, ids, w)
+        ours = pl._grouped_experts_forward(ex, x, ids, w)
+    assert ours.dtype == ref.dtype and torch.equal(ours, ref)
+    return ex
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_unmasked_grouped_experts_give_transformers_bits(model_type):
+    """The re-run's experts forward is transformers' grouped_mm forward without the sentinel masking: the same bits
+    (on CPU transformers takes the same torch grouped_mm path)."""
+    _compare_unmasked_experts(model_type, torch.float32, "cpu")
+
+
+@GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_type", ["mixtral", "deepseek_v2"])
+def test_unmasked_grouped_experts_give_transformers_bits_on_gpu(model_type):
+    from moequant import pipeline as pl
+
+    ex = _compare_unmasked_experts(model_type, torch.bfloat16, "cuda")
+    assert pl._runs_transformers_grouped_mm(ex)  # and the pipeline does take it there
