@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import torch
 
@@ -79,8 +80,8 @@ def main():
     print("\n| case | dtype | time (ms) | GB/s (r+w) | % of copy BW | torch ref (ms) | speed-up |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['case']} | {r['dtype']} | {r['ms']:.3f} | {r['gbs']:.0f} | {100 * r['of_copy']:.0f}% | "
-              f"{r['torch_ms']:.2f} | {r['speedup']:.0f}x |")
+        ref = "- | -" if math.isnan(r["torch_ms"]) else f"{r['torch_ms']:.2f} | {r['speedup']:.0f}x"  # NaN: not run
+        print(f"| {r['case']} | {r['dtype']} | {r['ms']:.3f} | {r['gbs']:.0f} | {100 * r['of_copy']:.0f}% | {ref} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=dev, copy_gbs=copy, rows=rows), f, indent=1)

@@ -100,8 +100,8 @@ int test_dequant_float(int bits, bool sym, std::mt19937& rng) {
   return bad != 0;
 }
 
-int test_dequant_bf16_fast_path(bool sym, std::mt19937& rng) {
-  const Weight w = random_weight(2, 300, 512, 4, 128, rng);
+// The bf16 4-bit fast path against the CPU core rounded to bf16, bit for bit.
+int check_dequant_bf16_fast_path(const Weight& w, bool sym, const char* label) {
   const std::vector<float> want = host_dequant(w, sym);
   std::vector<uint16_t> s16(w.scales.size());
   for (size_t i = 0; i < s16.size(); ++i) s16[i] = to_bf16_bits(w.scales[i]);
@@ -120,35 +120,17 @@ int test_dequant_bf16_fast_path(bool sym, std::mt19937& rng) {
   CHECK_CUDA(cudaMemcpy(got.data(), dst, got.size() * 2, cudaMemcpyDeviceToHost));
   size_t bad = 0;
   for (size_t i = 0; i < got.size(); ++i) bad += got[i] != to_bf16_bits(want[i]);
-  std::printf("%s dequant bf16 fast path %s: %zu mismatches (bit-exact expected)\n", bad ? "FAIL" : "ok  ",
-              sym ? "sym" : "asym", bad);
+  std::printf("%s dequant bf16 fast path %s: %zu mismatches (bit-exact expected)\n", bad ? "FAIL" : "ok  ", label, bad);
   cudaFree(dst);
   return bad != 0;
 }
 
+int test_dequant_bf16_fast_path(bool sym, std::mt19937& rng) {
+  return check_dequant_bf16_fast_path(random_weight(2, 300, 512, 4, 128, rng), sym, sym ? "sym" : "asym");
+}
+
 int test_dequant_bf16_fast_path_odd(std::mt19937& rng) {  // partial row and column blocks, group 8
-  const Weight w = random_weight(2, 40, 136, 4, 8, rng);
-  const std::vector<float> want = host_dequant(w, false);
-  std::vector<uint16_t> s16(w.scales.size());
-  for (size_t i = 0; i < s16.size(); ++i) s16[i] = to_bf16_bits(w.scales[i]);
-  moequant::cuda::DequantArgs<__nv_bfloat16, __nv_bfloat16> a{};
-  a.qweight = to_device(w.qweight);
-  a.scales = reinterpret_cast<const __nv_bfloat16*>(to_device(s16));
-  a.zeros = to_device(w.zeros);
-  a.batch = w.batch; a.in = w.in; a.out = w.out; a.groups = w.in / w.group; a.group_size = w.group; a.bits = 4;
-  uint16_t* dst = nullptr;
-  CHECK_CUDA(cudaMalloc(&dst, want.size() * 2));
-  CHECK_CUDA(cudaMemset(dst, 0xFF, want.size() * 2));
-  a.dst = reinterpret_cast<__nv_bfloat16*>(dst);
-  CHECK_CUDA(moequant::cuda::launch_dequant(a, 0));
-  CHECK_CUDA(cudaDeviceSynchronize());
-  std::vector<uint16_t> got(want.size());
-  CHECK_CUDA(cudaMemcpy(got.data(), dst, got.size() * 2, cudaMemcpyDeviceToHost));
-  size_t bad = 0;
-  for (size_t i = 0; i < got.size(); ++i) bad += got[i] != to_bf16_bits(want[i]);
-  std::printf("%s dequant bf16 fast path 40x136 g8: %zu mismatches\n", bad ? "FAIL" : "ok  ", bad);
-  cudaFree(dst);
-  return bad != 0;
+  return check_dequant_bf16_fast_path(random_weight(2, 40, 136, 4, 8, rng), false, "40x136 g8 asym");
 }
 
 int test_decode(int M, int E, int k, int H, int I, int group, bool sym, std::mt19937& rng) {
