@@ -40,6 +40,12 @@ if has test; then
   # the error-path tests apart: a crash there must not hide the others
   $PY -m pytest -q tests/test_csrc_dequant.py tests/test_csrc_moe_decode.py -k "bad_input" 2>&1 | tee -a "$OUT/tests.log" | tail -4
   RC[test_errors]=$?
+  # one token through both one-token kernels: TMA on every shape it takes (=2), and the register ring (=0)
+  for tma in 2 0; do
+    MOEQUANT_DECODE_TMA=$tma $PY -m pytest -q tests/test_csrc_moe_decode.py -k "cuda and (M1 or one_token)" 2>&1 \
+      | tee -a "$OUT/tests.log" | tail -2
+    RC[test_tma$tma]=$?
+  done
   if [ "${RC[test_errors]}" != 0 ]; then
     # where it dies: the Python stack (faulthandler) and the native one (gdb) of the failing pytest process
     $PY -X faulthandler -m pytest -q -p no:cacheprovider tests/test_csrc_dequant.py -k "bad_input" 2>&1 | tail -40 \
@@ -97,6 +103,21 @@ if has bench; then
   $PY benchmarks/bench_dequant.py --json "$OUT/bench_dequant.json" 2>&1 | tee "$OUT/bench.log" | tail -20
   $PY benchmarks/bench_decode_moe.py --json "$OUT/bench_decode.json" 2>&1 | tee -a "$OUT/bench.log" | grep -E "^\||device|fail|Error|not available"
   RC[bench]=$?
+fi
+
+if has paths; then
+  # the one-token kernels side by side (TMA, the sm_90 default, and the register ring), then variants
+  for tma in 1 2 0; do
+    echo "== MOEQUANT_DECODE_TMA=$tma" | tee -a "$OUT/paths.log"
+    MOEQUANT_DECODE_TMA=$tma $PY benchmarks/bench_decode_moe.py --ms "${PATH_MS:-1}" --no-baselines \
+      --json "$OUT/bench_decode_tma$tma.json" 2>&1 | tee -a "$OUT/paths.log" | grep -E "^\||fail|Error"
+  done
+  for v in ${VARIANTS:-}; do  # env settings joined by +, e.g. VARIANTS="MOEQUANT_DECODE_SPLITS=2,10+MOEQUANT_DECODE_STAGES=3,4"
+    echo "== $v" | tee -a "$OUT/paths.log"
+    env ${v//+/ } $PY benchmarks/bench_decode_moe.py --shapes "${VARIANT_SHAPES:-mixtral}" --ms 1 --no-baselines 2>&1 \
+      | tee -a "$OUT/paths.log" | grep -E "^\| [A-Z]"
+  done
+  echo "paths done at $((SECONDS - t0)) s"
 fi
 
 echo "== summary ($((SECONDS - t0)) s)"

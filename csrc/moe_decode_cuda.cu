@@ -3,7 +3,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "moe_decode_gemv.cuh"
+#include "moe_decode.cuh"
 #include "ops_common.h"
 
 namespace moequant {
@@ -40,7 +40,9 @@ void run(const at::Tensor& x, const Packed& w13, const Packed& w2, const at::Ten
   a.rows_per_group2 = rows_per_group(w2, "w2");
   a.split13 = plan.split13;
   a.split2 = plan.split2;
-  a.gemv = plan.gemv;
+  a.path = plan.path;
+  a.stages13 = plan.stages13;
+  a.stages2 = plan.stages2;
   a.h = reinterpret_cast<CT*>(h.data_ptr<T>());
   a.out13 = out13.data_ptr<float>();
   a.out2 = out2.data_ptr<float>();
@@ -78,7 +80,8 @@ at::Tensor moe_w4a16_decode_cuda(const at::Tensor& x, const at::Tensor& w13_qwei
   const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const cuda::DecodePlan plan =
       cuda::decode_plan(static_cast<int>(d.M), static_cast<int>(d.top_k), static_cast<int>(d.E), static_cast<int>(d.H),
-                        static_cast<int>(d.I), rows_per_group(w13, "w13"), rows_per_group(w2, "w2"), num_sms);
+                        static_cast<int>(d.I), rows_per_group(w13, "w13"), rows_per_group(w2, "w2"), num_sms,
+                        cuda::decode_tma_available());
   const int64_t split13 = plan.split13, split2 = plan.split2;
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor h = at::empty({d.M * d.top_k, d.I}, x.options());

@@ -1,6 +1,6 @@
-// Single-token decode (M = 1): the fused MoE layer as two weight-streaming GEMVs, and the decode
-// dispatcher (`launch_decode`: this path for one token, the tiled kernels of moe_decode_kernels.cuh
-// for more). Torch-free: the extension and the standalone tests include it.
+// Single-token decode (M = 1): the fused MoE layer as two weight-streaming GEMVs with a register ring
+// (every arch; on sm_90 moe_decode_tma.cuh streams through shared memory instead). Torch-free: the
+// extension and the standalone tests include it.
 //
 // With one token every pair (token, slot) has its own expert, so there is nothing to share between
 // pairs and no pair list. What the tiled kernel spends on serving up to 16 tokens (shared-memory
@@ -22,7 +22,8 @@
 // Measured limit (BENCHMARKS.md, "Decode fused MoE, v4"): ~58% of HBM on Mixtral. ptxas tracks every
 // load of the register ring on one scoreboard, and each step's first use waits for the whole scoreboard
 // (SASS wait masks), so a warp has about one chunk in flight per round trip, not GemvDepth. A cp.async
-// ring (explicit waits) measured slower (LDGSTS path); bulk copies with an mbarrier per slot are next.
+// ring (explicit waits) measured slower (LDGSTS path); TMA boxes with an mbarrier per stage are
+// moe_decode_tma.cuh.
 #pragma once
 #include <algorithm>
 #include <cstdlib>
@@ -222,6 +223,107 @@ __device__ __forceinline__ void gemv_tile(const T* in, const int32_t* qe, const 
   fold();
 }
 
+// The end of a gemv warp (this kernel and the TMA one): acc holds the lane's columns col..col+3 of each
+// matrix for pair p and K slice s of column tile `tile`. One slice: gate_up writes h; else the sums go to
+// the workspace and the last warp to arrive (a counter) reduces them in a fixed order.
+template <typename T, bool GATED>
+__device__ __forceinline__ void gemv_epilogue(const DecodeArgs<T>& a, const float (&acc)[GATED ? 2 : 1][2][2], int p,
+                                              int s, int tile, int col) {
+  constexpr int NW = GATED ? 2 : 1;
+  const int P = a.top_k, N = GATED ? a.I : a.H, tiles = N / kDecodeTile;
+  const int S = GATED ? a.split13 : a.split2;
+  const int lane = threadIdx.x & 31;
+  const int64_t wcols = NW * static_cast<int64_t>(N);
+  // lanes 4r hold columns col..col+3 of each matrix (the other lanes of the row group the same)
+  if (GATED && S == 1) {
+    if ((lane & 3) == 0) {
+#pragma unroll
+      for (int v = 0; v < 4; ++v) {
+        const float g = acc[0][v >> 1][v & 1], up = acc[1][v >> 1][v & 1];
+        a.h[static_cast<int64_t>(p) * N + col + v] = from_float<T>(g / (1.f + __expf(-g)) * up);
+      }
+    }
+    return;
+  }
+  float* work = (GATED ? a.out13 : a.out2) + (static_cast<int64_t>(s) * P + p) * wcols;  // [S][P][NW * N]
+  if ((lane & 3) == 0) {
+#pragma unroll
+    for (int m = 0; m < NW; ++m)
+      *reinterpret_cast<float4*>(work + m * N + col) = make_float4(acc[m][0][0], acc[m][0][1], acc[m][1][0], acc[m][1][1]);
+    fence_acq_rel_gpu();  // the sums are visible device-wide before this warp counts in
+  }
+  __syncwarp();
+  // gate_up: a counter per (pair, tile), S arrivals; down: one per tile, P * S arrivals
+  int last = 0;
+  if (lane == 0) {
+    int* counter = GATED ? a.counters + p * tiles + tile
+                         : a.counters + static_cast<int64_t>(a.E) * ((a.I + kDecodeTile - 1) / kDecodeTile) + tile;
+    last = atomicAdd(counter, 1) + 1 == (GATED ? S : P * S);
+    if (last) *counter = 0;  // left at zero for the next call
+  }
+  if (!__shfl_sync(0xffffffffu, last, 0)) return;
+  fence_acq_rel_gpu();
+  // The partial sums are read B at a time (independent loads: one L2 round trip per batch, not one per
+  // slice) and added in the same order as one at a time: slice by slice, pair by pair.
+  constexpr int B = 16;
+  const int cc = tile * kDecodeTile + lane;  // one column per lane
+  if (GATED) {
+    float g = 0.f, up = 0.f;
+    for (int k0 = 0; k0 < S; k0 += B / 2) {
+      float tg[B / 2], tu[B / 2];
+#pragma unroll
+      for (int i = 0; i < B / 2; ++i) {
+        const float* src = a.out13 + (static_cast<int64_t>(k0 + i < S ? k0 + i : 0) * P + p) * wcols + cc;
+        tg[i] = k0 + i < S ? __ldcg(src) : 0.f;
+        tu[i] = k0 + i < S ? __ldcg(src + N) : 0.f;
+      }
+#pragma unroll
+      for (int i = 0; i < B / 2; ++i) {
+        g += tg[i];
+        up += tu[i];
+      }
+    }
+    a.h[static_cast<int64_t>(p) * N + cc] = from_float<T>(g / (1.f + __expf(-g)) * up);
+  } else {
+    // y = sum_q w_q * (sum_k out2[k][q]) over the rows of out2 in the order (pair q, slice k); a pair with
+    // a bad id has weight 0 (its sums are zeros). Lane q holds w_q for the first 32 pairs.
+    const float w_lane = lane < P && load_expert(a.topk_ids, a.ids64, lane, a.E) >= 0
+                             ? routing_weight(a.topk_weights, a.weights_kind, lane) : 0.f;
+    auto weight = [&](int q) {
+      const float wl = __shfl_sync(0xffffffffu, w_lane, q & 31);
+      if (q < 32) return wl;
+      return load_expert(a.topk_ids, a.ids64, q, a.E) >= 0 ? routing_weight(a.topk_weights, a.weights_kind, q) : 0.f;
+    };
+    const int rows = P * S;
+    float y = 0.f, v = 0.f;
+    int lq = 0, lk = 0, q = 0, k = 0;  // the next row to load, the next row to add
+    for (int i0 = 0; i0 < rows; i0 += B) {
+      float t[B];
+#pragma unroll
+      for (int i = 0; i < B; ++i) {
+        t[i] = i0 + i < rows ? __ldcg(a.out2 + (static_cast<int64_t>(lk) * P + lq) * N + cc) : 0.f;
+        if (++lk == S) {
+          lk = 0;
+          ++lq;
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < B; ++i) {
+        if (i0 + i < rows) {  // warp-uniform
+          v += t[i];
+          if (++k == S) {
+            y = fmaf(weight(q), v, y);
+            v = 0.f;
+            k = 0;
+            ++q;
+          }
+        }
+      }
+    }
+    a.y[cc] = from_float<T>(y);
+  }
+}
+
 // Work split: one warp per (pair p, K slice s, 32-column tile), the tile running fastest, so the
 // warps that run at the same time read the same packed rows of neighbouring tiles (DRAM pages are
 // shared; a first version gave each warp an equal run of a (pair, tile, chunk) line, which spread the
@@ -263,82 +365,12 @@ __global__ void __launch_bounds__(kGemvThreads, 2) moe_decode_gemv_kernel(Decode
 #pragma unroll
       for (int t = 0; t < 2; ++t) acc[m][t][0] = acc[m][t][1] = 0.f;
   }
-  // lanes 4r hold columns col..col+3 of each matrix (the other lanes of the row group the same)
-  if (GATED && S == 1) {
-    if ((lane & 3) == 0) {
-#pragma unroll
-      for (int v = 0; v < 4; ++v) {
-        const float g = acc[0][v >> 1][v & 1], up = acc[1][v >> 1][v & 1];
-        a.h[static_cast<int64_t>(p) * N + col + v] = from_float<T>(g / (1.f + __expf(-g)) * up);
-      }
-    }
-    return;
-  }
-  float* work = (GATED ? a.out13 : a.out2) + (static_cast<int64_t>(s) * P + p) * wcols;  // [S][P][NW * N]
-  if ((lane & 3) == 0) {
-#pragma unroll
-    for (int m = 0; m < NW; ++m)
-      *reinterpret_cast<float4*>(work + m * N + col) = make_float4(acc[m][0][0], acc[m][0][1], acc[m][1][0], acc[m][1][1]);
-    fence_acq_rel_gpu();  // the sums are visible device-wide before this warp counts in
-  }
-  __syncwarp();
-  // gate_up: a counter per (pair, tile), S arrivals; down: one per tile, P * S arrivals
-  int last = 0;
-  if (lane == 0) {
-    int* counter = GATED ? a.counters + p * tiles + tile
-                         : a.counters + static_cast<int64_t>(a.E) * ((a.I + kDecodeTile - 1) / kDecodeTile) + tile;
-    last = atomicAdd(counter, 1) + 1 == (GATED ? S : P * S);
-    if (last) *counter = 0;  // left at zero for the next call
-  }
-  if (!__shfl_sync(0xffffffffu, last, 0)) return;
-  fence_acq_rel_gpu();
-  const int cc = tile * kDecodeTile + lane;  // one column per lane
-  if (GATED) {
-    float g = 0.f, up = 0.f;
-    for (int k = 0; k < S; ++k) {
-      const float* src = a.out13 + (static_cast<int64_t>(k) * P + p) * wcols;
-      g += __ldcg(src + cc);
-      up += __ldcg(src + N + cc);
-    }
-    a.h[static_cast<int64_t>(p) * N + cc] = from_float<T>(g / (1.f + __expf(-g)) * up);
-  } else {
-    float y = 0.f;
-    for (int q = 0; q < P; ++q) {
-      if (load_expert(a.topk_ids, a.ids64, q, a.E) < 0) continue;
-      float v = 0.f;
-      for (int k = 0; k < S; ++k) v += __ldcg(a.out2 + (static_cast<int64_t>(k) * P + q) * N + cc);
-      y = fmaf(routing_weight(a.topk_weights, a.weights_kind, q), v, y);
-    }
-    a.y[cc] = from_float<T>(y);
-  }
+  gemv_epilogue<T, GATED>(a, acc, p, s, tile, col);
 }
 
 // This path takes one token with K (H and I) a multiple of 32 and groups that span whole chunks.
 inline bool decode_gemv_ok(int M, int H, int I, int rpg13, int rpg2) {
   return M == 1 && H % 32 == 0 && I % 32 == 0 && decode_fold(H, rpg13) && decode_fold(I, rpg2);
-}
-
-// The launch plan of a call: the K splits of both GEMMs (the workspaces are [split][M*top_k][2I] and
-// [split][M*top_k][H] floats). One-token path: `gemv` is set, and the splits fill the warps that fit on
-// the GPU at once (2 blocks of 8 warps per SM) with at least 4 chunks (128 K) per warp.
-struct DecodePlan {
-  int split13 = 1, split2 = 1;
-  bool gemv = false;
-};
-inline int gemv_split(int pairs_x_tiles, int chunks, int num_sms) {
-  const int fit = 2 * num_sms * kGemvWarps / pairs_x_tiles;
-  return std::max(1, std::min(fit, chunks / 4));
-}
-inline DecodePlan decode_plan(int M, int top_k, int E, int H, int I, int rpg13, int rpg2, int num_sms) {
-  DecodePlan plan;
-  if (!decode_gemv_ok(M, H, I, rpg13, rpg2)) {
-    decode_splits(M, top_k, E, H, I, num_sms, plan.split13, plan.split2);
-    return plan;
-  }
-  plan.gemv = true;
-  plan.split13 = gemv_split(top_k * (I / kDecodeTile), H / 32, num_sms);
-  plan.split2 = gemv_split(top_k * (H / kDecodeTile), I / 32, num_sms);
-  return plan;
 }
 
 // Programmatic dependent launch of the down kernel: sm_90 and later; MOEQUANT_DECODE_PDL=0 turns it
@@ -372,18 +404,6 @@ cudaError_t launch_decode_gemv(const DecodeArgs<T>& a, cudaStream_t stream) {
   cfg.attrs = attr;
   cfg.numAttrs = decode_use_pdl() ? 1 : 0;
   return cudaLaunchKernelEx(&cfg, moe_decode_gemv_kernel<T, false, ZEROS2>, a);
-}
-
-// The decode op: requirements as for launch_decode_tiles (checked by the caller); splits and grid sizes
-// from decode_plan.
-template <typename T>
-cudaError_t launch_decode(const DecodeArgs<T>& a, cudaStream_t stream) {
-  if (a.gemv) {  // decode_plan chose the one-token path
-    if (a.M != 1 || a.top_k > kDecodeMaxPairs || a.split13 < 1 || a.split2 < 1) return cudaErrorInvalidValue;
-    if (a.z13) return a.z2 ? launch_decode_gemv<T, true, true>(a, stream) : launch_decode_gemv<T, true, false>(a, stream);
-    return a.z2 ? launch_decode_gemv<T, false, true>(a, stream) : launch_decode_gemv<T, false, false>(a, stream);
-  }
-  return launch_decode_tiles(a, stream);
 }
 
 }  // namespace cuda

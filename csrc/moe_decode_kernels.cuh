@@ -45,6 +45,8 @@ constexpr int kDecodeMaxPairs = 1024;  // M * top_k of one call
 constexpr int kDecodeTile = 32;        // output columns per block
 constexpr int kDecodeMaxSplit = 8;     // K splits of a GEMM across blocks
 
+enum DecodePath { kDecodeTiles = 0, kDecodeGemv = 1, kDecodeGemvTma = 2 };
+
 template <typename T>
 struct DecodeArgs {
   const T* x;              // [M, H]
@@ -61,7 +63,8 @@ struct DecodeArgs {
   int M, top_k, E, H, I;
   int rows_per_group13, rows_per_group2;  // group size / 8 (packed rows per group)
   int split13, split2;     // K splits of each GEMM (decode_plan() picks them; tiled: at most kDecodeMaxSplit)
-  bool gemv;               // the one-token path (moe_decode_gemv.cuh), else the tiled kernels
+  int path;                // kDecodeTiles, kDecodeGemv or kDecodeGemvTma (decode_plan in moe_decode.cuh)
+  int stages13, stages2;   // TMA path: stages per warp of each GEMM (decode_plan)
   T* h;                    // [M*k, I] workspace
   float* out13;            // [split13, M*k, 2I] workspace (used when split13 > 1)
   float* out2;             // [split2, M*k, H] workspace
@@ -579,7 +582,7 @@ cudaError_t launch_decode_nt(const DecodeArgs<T>& a, cudaStream_t stream) {
 
 // Requirements (checked by the caller): 4-bit, H % 8 == 0, I % 8 == 0, M * top_k <= kDecodeMaxPairs,
 // group sizes multiples of 8 (rows_per_group >= 1), 1 <= splits <= kDecodeMaxSplit. T: bf16 or fp16.
-// The op's entry point is launch_decode (moe_decode_gemv.cuh), which sends one token to the gemv kernel.
+// The op's entry point is launch_decode (moe_decode.cuh), which sends one token to a gemv kernel.
 template <typename T>
 cudaError_t launch_decode_tiles(const DecodeArgs<T>& a, cudaStream_t stream) {
   if (a.M == 0) return cudaSuccess;

@@ -3,13 +3,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <vector>
 
 #include "../dequant_core.h"
 #include "../dequant_kernels.cuh"
-#include "../moe_decode_gemv.cuh"
+#include "../moe_decode.cuh"
 
 #define CHECK_CUDA(call)                                                                             \
   do {                                                                                               \
@@ -191,36 +192,51 @@ int test_decode(int M, int E, int k, int H, int I, int group, bool sym, std::mt1
   a.rows_per_group13 = group / 8; a.rows_per_group2 = group / 8;
   int num_sms = 0;
   CHECK_CUDA(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, 0));
-  const moequant::cuda::DecodePlan plan = moequant::cuda::decode_plan(M, k, E, H, I, group / 8, group / 8, num_sms);
-  a.split13 = plan.split13;
-  a.split2 = plan.split2;
-  a.gemv = plan.gemv;
+  // one token: the TMA kernel wherever it takes the shape (main sets MOEQUANT_DECODE_TMA=2), and the
+  // register kernel on the same problem
+  const bool tma = moequant::cuda::decode_tma_available();
+  std::vector<moequant::cuda::DecodePlan> plans = {
+      moequant::cuda::decode_plan(M, k, E, H, I, group / 8, group / 8, num_sms, tma)};
+  if (plans[0].path == moequant::cuda::kDecodeGemvTma)
+    plans.push_back(moequant::cuda::decode_plan(M, k, E, H, I, group / 8, group / 8, num_sms, false));
   const size_t ncount = moequant::cuda::decode_counters(E, H, I);
-  CHECK_CUDA(cudaMalloc(&a.h, static_cast<size_t>(M) * k * I * 2));
-  CHECK_CUDA(cudaMalloc(&a.out13, static_cast<size_t>(a.split13) * M * k * 2 * I * 4));
-  CHECK_CUDA(cudaMalloc(&a.out2, static_cast<size_t>(a.split2) * M * k * H * 4));
-  CHECK_CUDA(cudaMalloc(&a.counters, ncount * 4));
-  CHECK_CUDA(cudaMemset(a.counters, 0, ncount * 4));
-  std::printf("     splits gate_up %d, down %d; gemv %d\n", a.split13, a.split2, static_cast<int>(a.gemv));
-  uint16_t* y = nullptr;
-  CHECK_CUDA(cudaMalloc(&y, static_cast<size_t>(M) * H * 2));
-  CHECK_CUDA(cudaMemset(y, 0xFF, static_cast<size_t>(M) * H * 2));
-  a.y = reinterpret_cast<__nv_bfloat16*>(y);
-  CHECK_CUDA(moequant::cuda::launch_decode(a, 0));
-  CHECK_CUDA(cudaDeviceSynchronize());
-  std::vector<uint16_t> got(static_cast<size_t>(M) * H);
-  CHECK_CUDA(cudaMemcpy(got.data(), y, got.size() * 2, cudaMemcpyDeviceToHost));
-  double num = 0, den = 0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    const double d = from_bf16_bits(got[i]) - want[i];
-    num += d * d;
-    den += want[i] * want[i];
+  int fails = 0;
+  for (const moequant::cuda::DecodePlan& pl : plans) {
+    a.split13 = pl.split13;
+    a.split2 = pl.split2;
+    a.path = pl.path;
+    a.stages13 = pl.stages13;
+    a.stages2 = pl.stages2;
+    CHECK_CUDA(cudaMalloc(&a.h, static_cast<size_t>(M) * k * I * 2));
+    CHECK_CUDA(cudaMalloc(&a.out13, static_cast<size_t>(a.split13) * M * k * 2 * I * 4));
+    CHECK_CUDA(cudaMalloc(&a.out2, static_cast<size_t>(a.split2) * M * k * H * 4));
+    CHECK_CUDA(cudaMalloc(&a.counters, ncount * 4));
+    CHECK_CUDA(cudaMemset(a.counters, 0, ncount * 4));
+    uint16_t* y = nullptr;
+    CHECK_CUDA(cudaMalloc(&y, static_cast<size_t>(M) * H * 2));
+    CHECK_CUDA(cudaMemset(y, 0xFF, static_cast<size_t>(M) * H * 2));
+    a.y = reinterpret_cast<__nv_bfloat16*>(y);
+    CHECK_CUDA(moequant::cuda::launch_decode(a, 0));
+    CHECK_CUDA(cudaDeviceSynchronize());
+    std::vector<uint16_t> got(static_cast<size_t>(M) * H);
+    CHECK_CUDA(cudaMemcpy(got.data(), y, got.size() * 2, cudaMemcpyDeviceToHost));
+    for (void* ptr : {static_cast<void*>(a.h), static_cast<void*>(a.out13), static_cast<void*>(a.out2),
+                      static_cast<void*>(a.counters), static_cast<void*>(y)})
+      CHECK_CUDA(cudaFree(ptr));
+    double num = 0, den = 0;
+    for (size_t i = 0; i < got.size(); ++i) {
+      const double d = from_bf16_bits(got[i]) - want[i];
+      num += d * d;
+      den += want[i] * want[i];
+    }
+    const double rel = std::sqrt(num / den);
+    const bool ok = rel < 5e-3;  // bf16 output rounding is ~2e-3
+    static const char* names[] = {"tiles", "gemv", "gemv-tma"};
+    std::printf("%s decode M=%d E=%d k=%d H=%d I=%d g=%d %s [%s, splits %d/%d]: rel err %.2e\n", ok ? "ok  " : "FAIL", M,
+                E, k, H, I, group, sym ? "sym" : "asym", names[pl.path], pl.split13, pl.split2, rel);
+    fails += !ok;
   }
-  const double rel = std::sqrt(num / den);
-  const bool ok = rel < 5e-3;  // bf16 output rounding is ~2e-3
-  std::printf("%s decode M=%d E=%d k=%d H=%d I=%d g=%d %s: rel err %.2e\n", ok ? "ok  " : "FAIL", M, E, k, H, I, group,
-              sym ? "sym" : "asym", rel);
-  return ok ? 0 : 1;
+  return fails;
 }
 
 }  // namespace
@@ -232,6 +248,7 @@ int main() {
     std::printf("no CUDA device: skipped\n");
     return 77;  // ctest SKIP_RETURN_CODE
   }
+  setenv("MOEQUANT_DECODE_TMA", "2", 1);  // test the TMA kernel on every shape it takes, not only long K
   std::mt19937 rng(99);
   int fails = 0;
   for (int bits : {2, 3, 4, 8})
@@ -251,6 +268,8 @@ int main() {
   fails += test_decode(1, 8, 2, 2048, 1408, 64, true, rng);
   fails += test_decode(1, 8, 2, 256, 128, 16, false, rng);
   fails += test_decode(1, 8, 2, 264, 136, 8, true, rng);
+  // groups of 256 K: two TMA stages per group, K slices that start inside a group
+  fails += test_decode(1, 8, 2, 768, 768, 256, false, rng);
   std::printf(fails ? "%d case(s) FAILED\n" : "all cases passed\n", fails);
   return fails ? 1 : 0;
 }
