@@ -107,7 +107,7 @@ fi
 
 if has paths; then
   # the one-token kernels side by side (TMA, the sm_90 default, and the register ring), then variants
-  for tma in 1 2 0; do
+  for tma in ${PATH_TMA:-1 2 0}; do
     echo "== MOEQUANT_DECODE_TMA=$tma" | tee -a "$OUT/paths.log"
     MOEQUANT_DECODE_TMA=$tma $PY benchmarks/bench_decode_moe.py --ms "${PATH_MS:-1}" --no-baselines \
       --json "$OUT/bench_decode_tma$tma.json" 2>&1 | tee -a "$OUT/paths.log" | grep -E "^\||fail|Error"

@@ -41,8 +41,6 @@ void run(const at::Tensor& x, const Packed& w13, const Packed& w2, const at::Ten
   a.split13 = plan.split13;
   a.split2 = plan.split2;
   a.path = plan.path;
-  a.stages13 = plan.stages13;
-  a.stages2 = plan.stages2;
   a.h = reinterpret_cast<CT*>(h.data_ptr<T>());
   a.out13 = out13.data_ptr<float>();
   a.out2 = out2.data_ptr<float>();
@@ -84,9 +82,9 @@ at::Tensor moe_w4a16_decode_cuda(const at::Tensor& x, const at::Tensor& w13_qwei
                         cuda::decode_tma_available());
   const int64_t split13 = plan.split13, split2 = plan.split2;
   const auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor h = at::empty({d.M * d.top_k, d.I}, x.options());
-  at::Tensor out13 = at::empty({split13 > 1 ? split13 : 0, d.M * d.top_k, 2 * d.I}, f32);
-  at::Tensor out2 = at::empty({split2, d.M * d.top_k, d.H}, f32);
+  at::Tensor h = at::empty({plan.rows, d.I}, x.options());
+  at::Tensor out13 = at::empty({split13 > 1 ? split13 : 0, plan.rows, 2 * d.I}, f32);
+  at::Tensor out2 = at::empty({split2, plan.rows, d.H}, f32);
   at::Tensor counters = at::zeros({cuda::decode_counters(static_cast<int>(d.E), static_cast<int>(d.H),
                                                          static_cast<int>(d.I))}, x.options().dtype(at::kInt));
   at::Tensor y = at::empty({d.M, d.H}, x.options());

@@ -223,104 +223,172 @@ __device__ __forceinline__ void gemv_tile(const T* in, const int32_t* qe, const 
   fold();
 }
 
-// The end of a gemv warp (this kernel and the TMA one): acc holds the lane's columns col..col+3 of each
-// matrix for pair p and K slice s of column tile `tile`. One slice: gate_up writes h; else the sums go to
-// the workspace and the last warp to arrive (a counter) reduces them in a fixed order.
-template <typename T, bool GATED>
-__device__ __forceinline__ void gemv_epilogue(const DecodeArgs<T>& a, const float (&acc)[GATED ? 2 : 1][2][2], int p,
-                                              int s, int tile, int col) {
+// Slots of a call: the gemv kernels give every warp a slot j (an expert) and serve in it all the tokens
+// of the call routed to that expert. One token (MT = 1): slot j is pair j. MT > 1 (the TMA kernel, up to
+// 8 tokens and 64 pairs): slot j is the j-th distinct expert in order of first appearance in topk_ids.
+// Every lane gets: n, the slots in use; expert, the expert of slot `want` (-1 if unused); and for pairs
+// `lane` and `lane + 32`, their slot (-1 for an id out of range, which contributes nothing).
+struct PairSlots {
+  int n, expert, slot0, slot1;
+};
+template <typename T, int MT>
+__device__ __forceinline__ PairSlots pair_slots(const DecodeArgs<T>& a, int want) {
+  const int P = a.M * a.top_k, lane = threadIdx.x & 31;
+  const int e0 = lane < P ? load_expert(a.topk_ids, a.ids64, lane, a.E) : -1;
+  const int e1 = lane + 32 < P ? load_expert(a.topk_ids, a.ids64, lane + 32, a.E) : -1;
+  PairSlots ps;
+  if (MT == 1) {
+    ps.n = P;
+    ps.expert = load_expert(a.topk_ids, a.ids64, want, a.E);
+    ps.slot0 = e0 >= 0 ? lane : -1;
+    ps.slot1 = e1 >= 0 ? lane + 32 : -1;
+    return ps;
+  }
+  int f0 = lane, f1 = lane + 32;  // the first pair with the same expert
+  for (int i = 0; i < P; ++i) {
+    const int ei = __shfl_sync(0xffffffffu, i < 32 ? e0 : e1, i & 31);
+    if (ei == e0) f0 = min(f0, i);
+    if (ei == e1) f1 = min(f1, i);
+  }
+  const uint64_t first = __ballot_sync(0xffffffffu, e0 >= 0 && f0 == lane) |
+                         static_cast<uint64_t>(__ballot_sync(0xffffffffu, e1 >= 0 && f1 == lane + 32)) << 32;
+  ps.n = __popcll(first);
+  ps.slot0 = e0 >= 0 ? __popcll(first & ((1ull << f0) - 1)) : -1;
+  ps.slot1 = e1 >= 0 ? __popcll(first & ((1ull << f1) - 1)) : -1;
+  ps.expert = -1;
+  if (want < ps.n) {  // the pair that first names slot want's expert: the want-th set bit of first
+    uint64_t m = first;
+    for (int q = 0; q < want; ++q) m &= m - 1;
+    const int pos = __ffsll(static_cast<long long>(m)) - 1;
+    ps.expert = __shfl_sync(0xffffffffu, pos < 32 ? e0 : e1, pos & 31);
+  }
+  return ps;
+}
+
+// The end of a gemv warp (the register kernel, MT = 1, and the TMA kernel): acc[m][t][2i + a] is column
+// col + 2t + i of matrix m for the slot's token a (MT = 1: token 0, in every lane) or 2c + a (MT > 1,
+// lane 4r + c), summed over K slice s of column tile `tile`. The workspaces are [S][slots][M] rows of
+// NW * N columns (h: [slots][M] rows of I). One slice: gate_up writes h; else the sums go to the workspace
+// and the last warp to arrive (a counter) reduces them in a fixed order: gate_up slice by slice; down
+// token by token, pair by pair in topk order, slice by slice.
+template <typename T, bool GATED, int MT>
+__device__ __forceinline__ void gemv_epilogue(const DecodeArgs<T>& a, const PairSlots& ps, const float (&acc)[GATED ? 2 : 1][2][4],
+                                              int j, int s, int tile, int col) {
   constexpr int NW = GATED ? 2 : 1;
-  const int P = a.top_k, N = GATED ? a.I : a.H, tiles = N / kDecodeTile;
+  const int M = a.M, P = M * a.top_k, slots = MT == 1 ? P : min(a.E, P);
+  const int N = GATED ? a.I : a.H, tiles = N / kDecodeTile;
   const int S = GATED ? a.split13 : a.split2;
-  const int lane = threadIdx.x & 31;
+  const int lane = threadIdx.x & 31, c = lane & 3;
   const int64_t wcols = NW * static_cast<int64_t>(N);
-  // lanes 4r hold columns col..col+3 of each matrix (the other lanes of the row group the same)
+  // the lane's tokens: MT = 1, token 0 in the lanes c = 0 (all lanes hold it); else tokens 2c, 2c + 1
+  auto token = [&](int t) { return MT == 1 ? (c == 0 && t == 0 ? 0 : M) : 2 * c + t; };
   if (GATED && S == 1) {
-    if ((lane & 3) == 0) {
 #pragma unroll
-      for (int v = 0; v < 4; ++v) {
-        const float g = acc[0][v >> 1][v & 1], up = acc[1][v >> 1][v & 1];
-        a.h[static_cast<int64_t>(p) * N + col + v] = from_float<T>(g / (1.f + __expf(-g)) * up);
+    for (int t = 0; t < 2; ++t)
+      if (token(t) < M) {
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+          const float g = acc[0][v >> 1][2 * (v & 1) + t], up = acc[1][v >> 1][2 * (v & 1) + t];
+          a.h[(static_cast<int64_t>(j) * M + token(t)) * N + col + v] = from_float<T>(g / (1.f + __expf(-g)) * up);
+        }
       }
-    }
     return;
   }
-  float* work = (GATED ? a.out13 : a.out2) + (static_cast<int64_t>(s) * P + p) * wcols;  // [S][P][NW * N]
-  if ((lane & 3) == 0) {
+  float* work = (GATED ? a.out13 : a.out2) + (static_cast<int64_t>(s) * slots + j) * M * wcols;
+  bool wrote = false;
 #pragma unroll
-    for (int m = 0; m < NW; ++m)
-      *reinterpret_cast<float4*>(work + m * N + col) = make_float4(acc[m][0][0], acc[m][0][1], acc[m][1][0], acc[m][1][1]);
-    fence_acq_rel_gpu();  // the sums are visible device-wide before this warp counts in
-  }
+  for (int t = 0; t < 2; ++t)
+    if (token(t) < M) {
+#pragma unroll
+      for (int m = 0; m < NW; ++m)
+        *reinterpret_cast<float4*>(work + token(t) * wcols + m * N + col) =
+            make_float4(acc[m][0][t], acc[m][0][2 + t], acc[m][1][t], acc[m][1][2 + t]);
+      wrote = true;
+    }
+  if (wrote) fence_acq_rel_gpu();  // the sums are visible device-wide before this warp counts in
   __syncwarp();
-  // gate_up: a counter per (pair, tile), S arrivals; down: one per tile, P * S arrivals
+  // gate_up: a counter per (slot, tile), S arrivals; down: one per tile, (slots in use) * S arrivals
   int last = 0;
   if (lane == 0) {
-    int* counter = GATED ? a.counters + p * tiles + tile
+    int* counter = GATED ? a.counters + j * tiles + tile
                          : a.counters + static_cast<int64_t>(a.E) * ((a.I + kDecodeTile - 1) / kDecodeTile) + tile;
-    last = atomicAdd(counter, 1) + 1 == (GATED ? S : P * S);
+    last = atomicAdd(counter, 1) + 1 == (GATED ? S : ps.n * S);
     if (last) *counter = 0;  // left at zero for the next call
   }
   if (!__shfl_sync(0xffffffffu, last, 0)) return;
   fence_acq_rel_gpu();
   // The partial sums are read B at a time (independent loads: one L2 round trip per batch, not one per
-  // slice) and added in the same order as one at a time: slice by slice, pair by pair.
+  // row) and added in the same order as one at a time.
   constexpr int B = 16;
   const int cc = tile * kDecodeTile + lane;  // one column per lane
-  if (GATED) {
+  if (GATED) {  // rows (token, slice), token-major
+    const int rows = M * S;
     float g = 0.f, up = 0.f;
-    for (int k0 = 0; k0 < S; k0 += B / 2) {
+    int lt = 0, lk = 0, t = 0, k = 0;  // the next row to load, the next row to add
+    for (int i0 = 0; i0 < rows; i0 += B / 2) {
       float tg[B / 2], tu[B / 2];
 #pragma unroll
       for (int i = 0; i < B / 2; ++i) {
-        const float* src = a.out13 + (static_cast<int64_t>(k0 + i < S ? k0 + i : 0) * P + p) * wcols + cc;
-        tg[i] = k0 + i < S ? __ldcg(src) : 0.f;
-        tu[i] = k0 + i < S ? __ldcg(src + N) : 0.f;
+        const float* src = a.out13 + ((static_cast<int64_t>(lk) * slots + j) * M + lt) * wcols + cc;
+        tg[i] = i0 + i < rows ? __ldcg(src) : 0.f;
+        tu[i] = i0 + i < rows ? __ldcg(src + N) : 0.f;
+        if (++lk == S) { lk = 0; ++lt; }
       }
 #pragma unroll
       for (int i = 0; i < B / 2; ++i) {
-        g += tg[i];
-        up += tu[i];
-      }
-    }
-    a.h[static_cast<int64_t>(p) * N + cc] = from_float<T>(g / (1.f + __expf(-g)) * up);
-  } else {
-    // y = sum_q w_q * (sum_k out2[k][q]) over the rows of out2 in the order (pair q, slice k); a pair with
-    // a bad id has weight 0 (its sums are zeros). Lane q holds w_q for the first 32 pairs.
-    const float w_lane = lane < P && load_expert(a.topk_ids, a.ids64, lane, a.E) >= 0
-                             ? routing_weight(a.topk_weights, a.weights_kind, lane) : 0.f;
-    auto weight = [&](int q) {
-      const float wl = __shfl_sync(0xffffffffu, w_lane, q & 31);
-      if (q < 32) return wl;
-      return load_expert(a.topk_ids, a.ids64, q, a.E) >= 0 ? routing_weight(a.topk_weights, a.weights_kind, q) : 0.f;
-    };
-    const int rows = P * S;
-    float y = 0.f, v = 0.f;
-    int lq = 0, lk = 0, q = 0, k = 0;  // the next row to load, the next row to add
-    for (int i0 = 0; i0 < rows; i0 += B) {
-      float t[B];
-#pragma unroll
-      for (int i = 0; i < B; ++i) {
-        t[i] = i0 + i < rows ? __ldcg(a.out2 + (static_cast<int64_t>(lk) * P + lq) * N + cc) : 0.f;
-        if (++lk == S) {
-          lk = 0;
-          ++lq;
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < B; ++i) {
         if (i0 + i < rows) {  // warp-uniform
-          v += t[i];
+          g += tg[i];
+          up += tu[i];
           if (++k == S) {
-            y = fmaf(weight(q), v, y);
-            v = 0.f;
+            a.h[(static_cast<int64_t>(j) * M + t) * N + cc] = from_float<T>(g / (1.f + __expf(-g)) * up);
+            g = up = 0.f;
             k = 0;
-            ++q;
+            ++t;
           }
         }
       }
     }
-    a.y[cc] = from_float<T>(y);
+  } else {  // rows (token, pair of the token, slice); y[t] = sum_pairs w * (sum_slices out2)
+    const int k_top = a.top_k, rows = P * S;
+    // pair q's weight and slot, from the lanes that hold them (pairs q and q + 32)
+    const float w0 = ps.slot0 >= 0 ? routing_weight(a.topk_weights, a.weights_kind, lane) : 0.f;
+    const float w1 = ps.slot1 >= 0 ? routing_weight(a.topk_weights, a.weights_kind, lane + 32) : 0.f;
+    auto weight = [&](int q) {
+      const float lo = __shfl_sync(0xffffffffu, w0, q & 31), hi = __shfl_sync(0xffffffffu, w1, q & 31);
+      if (q < 64) return q < 32 ? lo : hi;
+      return load_expert(a.topk_ids, a.ids64, q, a.E) >= 0 ? routing_weight(a.topk_weights, a.weights_kind, q) : 0.f;
+    };
+    auto slot_of = [&](int q) {  // pairs >= 64 only with MT = 1, where the slot is the pair
+      const int lo = __shfl_sync(0xffffffffu, ps.slot0, q & 31), hi = __shfl_sync(0xffffffffu, ps.slot1, q & 31);
+      return q < 32 ? lo : q < 64 ? hi : q;
+    };
+    float y = 0.f, v = 0.f;
+    int lq = 0, lk = 0, q = 0, k = 0;  // the next row to load (pair, slice), the next row to add
+    for (int i0 = 0; i0 < rows; i0 += B) {
+      float tv[B];
+#pragma unroll
+      for (int i = 0; i < B; ++i) {
+        const int sl = slot_of(lq);
+        tv[i] = i0 + i < rows && sl >= 0
+                    ? __ldcg(a.out2 + ((static_cast<int64_t>(lk) * slots + sl) * M + lq / k_top) * N + cc) : 0.f;
+        if (++lk == S) { lk = 0; ++lq; }
+      }
+#pragma unroll
+      for (int i = 0; i < B; ++i) {
+        if (i0 + i < rows) {  // warp-uniform
+          v += tv[i];
+          if (++k == S) {  // pair q done
+            y = fmaf(weight(q), v, y);
+            v = 0.f;
+            k = 0;
+            if (++q % k_top == 0) {  // token q / k_top - 1 done
+              a.y[static_cast<int64_t>(q / k_top - 1) * N + cc] = from_float<T>(y);
+              y = 0.f;
+            }
+          }
+        }
+      }
+    }
   }
 }
 
@@ -365,7 +433,16 @@ __global__ void __launch_bounds__(kGemvThreads, 2) moe_decode_gemv_kernel(Decode
 #pragma unroll
       for (int t = 0; t < 2; ++t) acc[m][t][0] = acc[m][t][1] = 0.f;
   }
-  gemv_epilogue<T, GATED>(a, acc, p, s, tile, col);
+  float acc4[NW][2][4];  // the epilogue's layout: token 0 in entries 0 and 2
+#pragma unroll
+  for (int m = 0; m < NW; ++m)
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+      acc4[m][t][0] = acc[m][t][0];
+      acc4[m][t][2] = acc[m][t][1];
+      acc4[m][t][1] = acc4[m][t][3] = 0.f;
+    }
+  gemv_epilogue<T, GATED, 1>(a, pair_slots<T, 1>(a, p), acc4, p, s, tile, col);
 }
 
 // This path takes one token with K (H and I) a multiple of 32 and groups that span whole chunks.

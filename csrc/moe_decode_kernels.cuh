@@ -64,10 +64,9 @@ struct DecodeArgs {
   int rows_per_group13, rows_per_group2;  // group size / 8 (packed rows per group)
   int split13, split2;     // K splits of each GEMM (decode_plan() picks them; tiled: at most kDecodeMaxSplit)
   int path;                // kDecodeTiles, kDecodeGemv or kDecodeGemvTma (decode_plan in moe_decode.cuh)
-  int stages13, stages2;   // TMA path: stages per warp of each GEMM (decode_plan)
-  T* h;                    // [M*k, I] workspace
-  float* out13;            // [split13, M*k, 2I] workspace (used when split13 > 1)
-  float* out2;             // [split2, M*k, H] workspace
+  T* h;                    // [rows, I] workspace (rows: decode_plan; M*k except on the TMA path)
+  float* out13;            // [split13, rows, 2I] workspace (used when split13 > 1)
+  float* out2;             // [split2, rows, H] workspace
   int* counters;           // [E * ceil(I / 32) + ceil(H / 32)] workspace, zeroed (the kernels leave it zeroed)
   T* y;                    // [M, H]
 };

@@ -44,27 +44,27 @@ struct DecodeMaps {
   CUtensorMap q13, s13, z13, x13, q2, s2, z2, x2;
 };
 
-// Shared memory of a block, NS stages per warp: the weight boxes of every warp (1024-aligned for the
-// swizzle), then per warp its scale rows, zero rows, input slices (128 K: 256 bytes) and mbarriers.
-// The blocks per SM follow from it (228 KB per SM, 1 KB reserved per block).
-template <bool GATED, int NS> struct TmaConfig {
+// Shared memory of a block: the weight boxes of every warp (1024-aligned for the swizzle), then per warp its
+// scale rows, zero rows, input slices (MT tokens x 128 K) and mbarriers. Stages per warp: gate_up 2, down
+// 3 (3-4 measured the same on Mixtral, BENCHMARKS.md "Decode fused MoE, v5"). The blocks per SM follow
+// from it (228 KB per SM, 1 KB reserved per block): one token, 5 (gate_up) and 6 (down); 8 tokens, 4 and 4.
+template <bool GATED, int MT> struct TmaConfig {
   static constexpr int kMatrices = GATED ? 2 : 1;
-  static constexpr int kStages = NS;
+  static constexpr int kStages = GATED ? 2 : 3;
   static constexpr int kScaleBytes = kTmaMaxGroupRows * 32 * 2;  // per matrix and stage
   static constexpr int kZeroBytes = kTmaMaxGroupRows * 32;
-  static constexpr int kInBytes = kTmaStageRows * 8 * 2;         // the stage's 128 inputs
-  static constexpr int kBoxes = kTmaWarps * NS * kMatrices * kTmaBoxBytes;
-  static constexpr int kScales = NS * kMatrices * kScaleBytes;  // per warp, from here on
-  static constexpr int kZeros = NS * kMatrices * kZeroBytes;
-  static constexpr int kIn = NS * kInBytes;
-  static constexpr int kWarpSmall = (kScales + kZeros + kIn + 8 * NS + 127) / 128 * 128;
+  static constexpr int kInBytes = MT * kTmaStageRows * 8 * 2;    // the stage's 128 inputs of MT tokens
+  static constexpr int kBoxes = kTmaWarps * kStages * kMatrices * kTmaBoxBytes;
+  static constexpr int kScales = kStages * kMatrices * kScaleBytes;  // per warp, from here on
+  static constexpr int kZeros = kStages * kMatrices * kZeroBytes;
+  static constexpr int kIn = kStages * kInBytes;
+  static constexpr int kWarpSmall = (kScales + kZeros + kIn + 8 * kStages + 127) / 128 * 128;
   static constexpr int kSmem = kBoxes + kTmaWarps * kWarpSmall + 1024;  // + room to align the base to 1024
   static constexpr int kBlocksPerSm = 233472 / (kSmem + 1024);
 };
-// gate_up: 2 stages (5 blocks, 20 warps per SM); down: 3 stages (6 blocks, 24 warps per SM).
-// MOEQUANT_DECODE_STAGES="a,b" picks a in {2, 3} and b in {3, 4} instead (for measuring them).
-constexpr int kTmaStages13[2] = {2, 3};
-constexpr int kTmaStages2[2] = {3, 4};
+// Tokens per call on this path, and pairs (M * top_k, for the slot map of pair_slots).
+constexpr int kTmaMaxTokens = 8;
+constexpr int kTmaMaxPairs = 64;
 
 // Scale rows per stage (the box height of the scale and zero maps): groups of 32 or 64 -> 4 or 2; a
 // group of 128 K or more, or one group for all K -> 1. Other group sizes cross stages unevenly: the
@@ -102,21 +102,22 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
 }
 
 // One warp's stages [st_begin, st_end) of NW column tiles (gate_up: gate at col0, up at col0 + N) of the
-// expert, for input row `in_row` of the input map; acc as in gemv_tile. boxes: the warp's weight boxes
+// expert, for the MT input rows from `in_row` of the input map (tokens in the mma's B columns; MT = 1: the
+// token in every column); acc in gemv_epilogue's layout. boxes: the warp's weight boxes
 // (1024-aligned), small: its scale, zero and input slots and mbarriers (TmaConfig layout).
 // wait: the input is written by the previous grid: pdl_wait() after the first weight copies, before
 // copying the input.
-template <typename T, bool GATED, bool ZEROS, int NS>
+template <typename T, bool GATED, bool ZEROS, int MT>
 __device__ __forceinline__ void tma_tile(const DecodeMaps& maps, int in_row, uint8_t* boxes, uint8_t* small, int expert,
                                          int R, int rpg, int N, int col0, int u, int st_begin, int st_end, bool wait,
-                                         float (&acc)[GATED ? 2 : 1][2][2]) {
-  using C = TmaConfig<GATED, NS>;
-  constexpr int NW = C::kMatrices;
+                                         float (&acc)[GATED ? 2 : 1][2][4]) {
+  using C = TmaConfig<GATED, MT>;
+  constexpr int NW = C::kMatrices, NS = C::kStages;
   const CUtensorMap* qmap = GATED ? &maps.q13 : &maps.q2;
   const CUtensorMap* smap = GATED ? &maps.s13 : &maps.s2;
   const CUtensorMap* zmap = GATED ? &maps.z13 : &maps.z2;
   const CUtensorMap* xmap = GATED ? &maps.x13 : &maps.x2;
-  const int lane = threadIdx.x & 31, c = lane & 3;
+  const int lane = threadIdx.x & 31, c = lane & 3, r = lane >> 2;
   const int G = (R + rpg - 1) / rpg, sr = tma_group_rows(R, rpg);
   const uint32_t qbase = smem_u32(boxes), sbase = smem_u32(small);
   auto box = [&](int slot, int m) { return qbase + (slot * NW + m) * kTmaBoxBytes; };
@@ -171,7 +172,7 @@ __device__ __forceinline__ void tma_tile(const DecodeMaps& maps, int in_row, uin
     }
   };
   clear();
-  // acc += s * (sum (magic + q) x - (magic + z) * sum x), per column, with scale row gi of the slot
+  // acc += s * (sum (magic + q) x - (magic + z) * sum x), per column and token, with scale row gi of the slot
   auto fold = [&](int slot, int gi) {
 #pragma unroll
     for (int m = 0; m < NW; ++m) {
@@ -184,7 +185,9 @@ __device__ __forceinline__ void tma_tile(const DecodeMaps& maps, int in_row, uin
           const int v = 2 * t + i;
           const float s = scale_at<T>(sc, v);
           const float z = magic_plus_zero<T>(zb, v);
-          acc[m][t][i] = fmaf(s, fmaf(-z, sx[0], part[m][t][2 * i]), acc[m][t][i]);
+#pragma unroll
+          for (int k = 0; k < (MT == 1 ? 1 : 2); ++k)  // the lane's tokens (B columns 2c, 2c + 1; MT = 1: one)
+            acc[m][t][2 * i + k] = fmaf(s, fmaf(-z, sx[k], part[m][t][2 * i + k]), acc[m][t][2 * i + k]);
         }
     }
     clear();
@@ -201,10 +204,10 @@ __device__ __forceinline__ void tma_tile(const DecodeMaps& maps, int in_row, uin
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       if (j < nch) {  // warp-uniform
-        uint4 xv;     // chunk j's 8 inputs of packed row c (the 8 lanes of a row group read the same)
+        uint4 xv;     // chunk j's 8 inputs of packed row c, of token r (B column r; MT = 1: token 0)
         asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
                      : "=r"(xv.x), "=r"(xv.y), "=r"(xv.z), "=r"(xv.w)
-                     : "r"(input(slot) + 16 * (4 * j + c)));
+                     : "r"(input(slot) + (MT == 1 ? 0 : r) * (kTmaStageRows * 16) + 16 * (4 * j + c)));
         uint32_t b[2][2];
         act_fragments(xv, b);
 #pragma unroll
@@ -243,42 +246,48 @@ __device__ __forceinline__ void tma_tile(const DecodeMaps& maps, int in_row, uin
   }
 }
 
-// GATED (launch 1): h[p] = SiLU(gate) * up; else (launch 2): y = sum_p w_p * down_p(h[p]).
-template <typename T, bool GATED, bool ZEROS, int NS>
-__global__ void __launch_bounds__(kTmaThreads, TmaConfig<GATED, NS>::kBlocksPerSm)
+// GATED (launch 1): h[slot][token] = SiLU(gate) * up; else (launch 2): y = sum_pairs w * down(h).
+// One warp per (slot, K slice, 32-column tile), the tile fastest; slots as in pair_slots.
+template <typename T, bool GATED, bool ZEROS, int MT>
+__global__ void __launch_bounds__(kTmaThreads, TmaConfig<GATED, MT>::kBlocksPerSm)
     moe_decode_tma_kernel(const __grid_constant__ DecodeMaps maps, DecodeArgs<T> a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  using C = TmaConfig<GATED, NS>;
+  using C = TmaConfig<GATED, MT>;
   constexpr int NW = C::kMatrices;
   if (GATED) pdl_launch_dependents();
   extern __shared__ uint8_t smem[];
-  const int P = a.top_k;
+  const int P = a.M * a.top_k, slots = MT == 1 ? P : min(a.E, P);
   const int N = GATED ? a.I : a.H, R = (GATED ? a.H : a.I) / 8;
   const int tiles = N / kDecodeTile, n_stages = (R + kTmaStageRows - 1) / kTmaStageRows;
   const int S = GATED ? a.split13 : a.split2;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane >> 2;
   const int gw = blockIdx.x * kTmaWarps + warp;
-  if (gw >= P * S * tiles) return;
-  const int tile = gw % tiles, s = (gw / tiles) % S, p = gw / (tiles * S);
+  if (gw >= slots * S * tiles) return;
+  const int tile = gw % tiles, s = (gw / tiles) % S, j = gw / (tiles * S);
+  const PairSlots ps = pair_slots<T, MT>(a, j);
+  if (j >= ps.n) {  // a slot no expert needs (MT > 1: fewer distinct experts than slots)
+    return;
+  }
   const int st_begin = n_stages * s / S, st_end = n_stages * (s + 1) / S;
   const int u = (r >> 1) | ((r & 1) << 2);  // the lane group's column unit (see the top of the file)
   const int col = tile * kDecodeTile + 4 * u;
-  const int expert = load_expert(a.topk_ids, a.ids64, p, a.E);
-  float acc[NW][2][2];
+  float acc[NW][2][4];
 #pragma unroll
   for (int m = 0; m < NW; ++m)
 #pragma unroll
-    for (int t = 0; t < 2; ++t) acc[m][t][0] = acc[m][t][1] = 0.f;
-  if (expert >= 0 && st_begin < st_end) {
+    for (int t = 0; t < 2; ++t)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[m][t][i] = 0.f;
+  if (ps.expert >= 0 && st_begin < st_end) {
     uint8_t* base = smem + ((1024u - (smem_u32(smem) & 1023u)) & 1023u);
-    tma_tile<T, GATED, ZEROS, NS>(maps, GATED ? 0 : p, base + warp * NS * NW * kTmaBoxBytes,
-                                  base + C::kBoxes + warp * C::kWarpSmall, expert, R,
+    tma_tile<T, GATED, ZEROS, MT>(maps, GATED ? 0 : j * a.M, base + warp * C::kStages * NW * kTmaBoxBytes,
+                                  base + C::kBoxes + warp * C::kWarpSmall, ps.expert, R,
                                   GATED ? a.rows_per_group13 : a.rows_per_group2, N, tile * kDecodeTile, u, st_begin,
                                   st_end, !GATED, acc);
   } else if (!GATED) {
     pdl_wait();
   }
-  gemv_epilogue<T, GATED>(a, acc, p, s, tile, col);
+  gemv_epilogue<T, GATED, MT>(a, ps, acc, j, s, tile, col);
 #else
   __trap();  // launched only where decode_tma_available() found sm_90 code
 #endif
@@ -323,17 +332,20 @@ bool encode_decode_maps(const DecodeArgs<T>& a, DecodeMaps& maps) {
            (!zp || encode_map(&z, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, zp, static_cast<int64_t>(a.E) * G, cols, 32, sr,
                               false));
   };
+  const int mt = a.M == 1 ? 1 : kTmaMaxTokens;    // input box rows: the tokens of a slot
+  const int64_t slots = a.M == 1 ? a.top_k : std::min(a.E, a.M * a.top_k);
   constexpr int in_box = kTmaStageRows * 8;  // a stage's inputs
   return gemm(maps.q13, maps.s13, maps.z13, a.w13, a.s13, a.z13, a.H, 2 * a.I, a.rows_per_group13) &&
          gemm(maps.q2, maps.s2, maps.z2, a.w2, a.s2, a.z2, a.I, a.H, a.rows_per_group2) &&
-         encode_map(&maps.x13, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, a.x, a.M, a.H, in_box, 1, false) &&
-         encode_map(&maps.x2, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, a.h, static_cast<int64_t>(a.M) * a.top_k, a.I, in_box,
-                    1, false);
+         encode_map(&maps.x13, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, a.x, a.M, a.H, in_box, mt, false) &&
+         encode_map(&maps.x2, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, a.h, slots * a.M, a.I, in_box, mt, false);
 }
 
-// This path: the one-token path's shapes (decode_gemv_ok) whose groups fit the stages.
-inline bool decode_tma_ok(int M, int H, int I, int rpg13, int rpg2) {
-  return decode_gemv_ok(M, H, I, rpg13, rpg2) && tma_groups_ok(H / 8, rpg13) && tma_groups_ok(I / 8, rpg2);
+// This path: up to 8 tokens and 64 pairs, K (H and I) a multiple of 32, groups of 32 or more that fit the
+// stages.
+inline bool decode_tma_ok(int M, int top_k, int H, int I, int rpg13, int rpg2) {
+  return M >= 1 && M <= kTmaMaxTokens && M * top_k <= kTmaMaxPairs && decode_gemv_ok(1, H, I, rpg13, rpg2) &&
+         tma_groups_ok(H / 8, rpg13) && tma_groups_ok(I / 8, rpg2);
 }
 
 // The current device runs sm_90 code of these kernels and the driver encodes tensor maps.
@@ -347,19 +359,17 @@ inline bool decode_tma_available() {
     cudaFuncAttributes attr{};
     if (cudaGetDevice(&dev) != cudaSuccess ||
         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || major < 9 ||
-        cudaFuncGetAttributes(&attr, moe_decode_tma_kernel<__nv_bfloat16, true, false, kTmaStages13[0]>) != cudaSuccess)
+        cudaFuncGetAttributes(&attr, moe_decode_tma_kernel<__nv_bfloat16, true, false, 1>) != cudaSuccess)
       return false;
     return attr.ptxVersion >= 90 && tensor_map_encoder() != nullptr;
   }();
   return ok;
 }
 
-// Blocks per SM of a GEMM's kernel with NS stages.
-inline int tma_blocks_per_sm(bool gated, int stages) {
-  if (gated) return stages == kTmaStages13[0] ? TmaConfig<true, kTmaStages13[0]>::kBlocksPerSm
-                                              : TmaConfig<true, kTmaStages13[1]>::kBlocksPerSm;
-  return stages == kTmaStages2[0] ? TmaConfig<false, kTmaStages2[0]>::kBlocksPerSm
-                                  : TmaConfig<false, kTmaStages2[1]>::kBlocksPerSm;
+// Blocks per SM of a GEMM's kernel for M tokens.
+inline int tma_blocks_per_sm(bool gated, int M) {
+  if (gated) return M == 1 ? TmaConfig<true, 1>::kBlocksPerSm : TmaConfig<true, kTmaMaxTokens>::kBlocksPerSm;
+  return M == 1 ? TmaConfig<false, 1>::kBlocksPerSm : TmaConfig<false, kTmaMaxTokens>::kBlocksPerSm;
 }
 
 // K splits: as many warps as fit on the GPU at once, at most one slice per stage.
@@ -368,13 +378,14 @@ inline int tma_split(int pairs_x_tiles, int n_stages, int blocks_per_sm, int num
   return std::max(1, std::min(fit, n_stages));
 }
 
-template <typename T, bool GATED, bool ZEROS, int NS>
+template <typename T, bool GATED, bool ZEROS, int MT>
 cudaError_t launch_tma_gemm(const DecodeMaps& maps, const DecodeArgs<T>& a, cudaStream_t stream, bool pdl) {
-  auto kernel = moe_decode_tma_kernel<T, GATED, ZEROS, NS>;
-  constexpr int smem = TmaConfig<GATED, NS>::kSmem;
+  auto kernel = moe_decode_tma_kernel<T, GATED, ZEROS, MT>;
+  constexpr int smem = TmaConfig<GATED, MT>::kSmem;
   static const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (attr != cudaSuccess) return attr;
-  const int warps = a.top_k * (GATED ? a.split13 * (a.I / kDecodeTile) : a.split2 * (a.H / kDecodeTile));
+  const int slots = MT == 1 ? a.top_k : std::min(a.E, a.M * a.top_k);
+  const int warps = slots * (GATED ? a.split13 * (a.I / kDecodeTile) : a.split2 * (a.H / kDecodeTile));
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3((warps + kTmaWarps - 1) / kTmaWarps);
   cfg.blockDim = dim3(kTmaThreads);
@@ -388,17 +399,20 @@ cudaError_t launch_tma_gemm(const DecodeMaps& maps, const DecodeArgs<T>& a, cuda
   return cudaLaunchKernelEx(&cfg, kernel, maps, a);
 }
 
-template <typename T, bool ZEROS13, bool ZEROS2>
-cudaError_t launch_decode_tma(const DecodeArgs<T>& a, cudaStream_t stream) {
+template <typename T, bool ZEROS13, bool ZEROS2, int MT>
+cudaError_t launch_decode_tma_mt(const DecodeArgs<T>& a, cudaStream_t stream) {
   DecodeMaps maps;
   if (!encode_decode_maps(a, maps)) return cudaErrorInvalidValue;
-  cudaError_t err = a.stages13 == kTmaStages13[0]
-                        ? launch_tma_gemm<T, true, ZEROS13, kTmaStages13[0]>(maps, a, stream, false)
-                        : launch_tma_gemm<T, true, ZEROS13, kTmaStages13[1]>(maps, a, stream, false);
+  const cudaError_t err = launch_tma_gemm<T, true, ZEROS13, MT>(maps, a, stream, false);
   if (err != cudaSuccess) return err;
   // the down grid is a programmatic dependent launch of the gate_up grid
-  return a.stages2 == kTmaStages2[0] ? launch_tma_gemm<T, false, ZEROS2, kTmaStages2[0]>(maps, a, stream, decode_use_pdl())
-                                     : launch_tma_gemm<T, false, ZEROS2, kTmaStages2[1]>(maps, a, stream, decode_use_pdl());
+  return launch_tma_gemm<T, false, ZEROS2, MT>(maps, a, stream, decode_use_pdl());
+}
+
+template <typename T, bool ZEROS13, bool ZEROS2>
+cudaError_t launch_decode_tma(const DecodeArgs<T>& a, cudaStream_t stream) {
+  return a.M == 1 ? launch_decode_tma_mt<T, ZEROS13, ZEROS2, 1>(a, stream)
+                  : launch_decode_tma_mt<T, ZEROS13, ZEROS2, kTmaMaxTokens>(a, stream);
 }
 
 }  // namespace cuda

@@ -192,8 +192,8 @@ int test_decode(int M, int E, int k, int H, int I, int group, bool sym, std::mt1
   a.rows_per_group13 = group / 8; a.rows_per_group2 = group / 8;
   int num_sms = 0;
   CHECK_CUDA(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, 0));
-  // one token: the TMA kernel wherever it takes the shape (main sets MOEQUANT_DECODE_TMA=2), and the
-  // register kernel on the same problem
+  // the TMA kernel wherever it takes the shape (main sets MOEQUANT_DECODE_TMA=2), and the register or
+  // tiled kernel on the same problem
   const bool tma = moequant::cuda::decode_tma_available();
   std::vector<moequant::cuda::DecodePlan> plans = {
       moequant::cuda::decode_plan(M, k, E, H, I, group / 8, group / 8, num_sms, tma)};
@@ -205,11 +205,9 @@ int test_decode(int M, int E, int k, int H, int I, int group, bool sym, std::mt1
     a.split13 = pl.split13;
     a.split2 = pl.split2;
     a.path = pl.path;
-    a.stages13 = pl.stages13;
-    a.stages2 = pl.stages2;
-    CHECK_CUDA(cudaMalloc(&a.h, static_cast<size_t>(M) * k * I * 2));
-    CHECK_CUDA(cudaMalloc(&a.out13, static_cast<size_t>(a.split13) * M * k * 2 * I * 4));
-    CHECK_CUDA(cudaMalloc(&a.out2, static_cast<size_t>(a.split2) * M * k * H * 4));
+    CHECK_CUDA(cudaMalloc(&a.h, static_cast<size_t>(pl.rows) * I * 2));
+    CHECK_CUDA(cudaMalloc(&a.out13, static_cast<size_t>(a.split13) * pl.rows * 2 * I * 4));
+    CHECK_CUDA(cudaMalloc(&a.out2, static_cast<size_t>(a.split2) * pl.rows * H * 4));
     CHECK_CUDA(cudaMalloc(&a.counters, ncount * 4));
     CHECK_CUDA(cudaMemset(a.counters, 0, ncount * 4));
     uint16_t* y = nullptr;
@@ -270,6 +268,11 @@ int main() {
   fails += test_decode(1, 8, 2, 264, 136, 8, true, rng);
   // groups of 256 K: two TMA stages per group, K slices that start inside a group
   fails += test_decode(1, 8, 2, 768, 768, 256, false, rng);
+  // 2-8 tokens through the TMA kernel (one slot per distinct expert): few experts shared by all tokens,
+  // many experts with few tokens each, and the most pairs it takes (64)
+  fails += test_decode(8, 8, 2, 1024, 512, 128, false, rng);
+  fails += test_decode(5, 64, 6, 512, 384, 64, true, rng);
+  fails += test_decode(8, 128, 8, 256, 256, 32, false, rng);
   std::printf(fails ? "%d case(s) FAILED\n" : "all cases passed\n", fails);
   return fails ? 1 : 0;
 }
