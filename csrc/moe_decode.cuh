@@ -43,7 +43,7 @@ inline DecodePlan decode_plan(int M, int top_k, int E, int H, int I, int rpg13, 
     if (M > 1 || st13 >= 4 * s13 || (force && force[0] == '2')) {
       plan.path = kDecodeGemvTma;
       plan.split13 = s13;
-      plan.split2 = tma_split(slots * tiles2, st2, tma_blocks_per_sm(false, M), num_sms);
+      plan.split2 = tma_split(slots * tiles2 / 2, st2, tma_blocks_per_sm(false, M), num_sms);
       plan.rows = slots * M;
     }
   }

@@ -266,17 +266,18 @@ __device__ __forceinline__ PairSlots pair_slots(const DecodeArgs<T>& a, int want
 }
 
 // The end of a gemv warp (the register kernel, MT = 1, and the TMA kernel): acc[m][t][2i + a] is column
-// col + 2t + i of matrix m for the slot's token a (MT = 1: token 0, in every lane) or 2c + a (MT > 1,
-// lane 4r + c), summed over K slice s of column tile `tile`. The workspaces are [S][slots][M] rows of
-// NW * N columns (h: [slots][M] rows of I). One slice: gate_up writes h; else the sums go to the workspace
-// and the last warp to arrive (a counter) reduces them in a fixed order: gate_up slice by slice; down
-// token by token, pair by pair in topk order, slice by slice.
-template <typename T, bool GATED, int MT>
-__device__ __forceinline__ void gemv_epilogue(const DecodeArgs<T>& a, const PairSlots& ps, const float (&acc)[GATED ? 2 : 1][2][4],
+// m * N + col + 2t + i for the slot's token a (MT = 1: token 0, in every lane) or 2c + a (MT > 1, lane
+// 4r + c), summed over K slice s of column tile `tile`. gate_up: NW = 2 matrices (gate, up) of N = I
+// columns; down: NW column blocks of N = H / NW. The workspaces are [S][slots][M] rows of NW * N columns
+// (h: [slots][M] rows of I). One slice: gate_up writes h; else the sums go to the workspace and the last
+// warp to arrive (a counter) reduces them in a fixed order: gate_up slice by slice; down token by token,
+// pair by pair in topk order, slice by slice.
+template <typename T, bool GATED, int MT, int NW>
+__device__ __forceinline__ void gemv_epilogue(const DecodeArgs<T>& a, const PairSlots& ps, const float (&acc)[NW][2][4],
                                               int j, int s, int tile, int col) {
-  constexpr int NW = GATED ? 2 : 1;
+  static_assert(!GATED || NW == 2, "gate_up has two matrices");
   const int M = a.M, P = M * a.top_k, slots = MT == 1 ? P : min(a.E, P);
-  const int N = GATED ? a.I : a.H, tiles = N / kDecodeTile;
+  const int N = GATED ? a.I : a.H / NW, tiles = N / kDecodeTile;
   const int S = GATED ? a.split13 : a.split2;
   const int lane = threadIdx.x & 31, c = lane & 3;
   const int64_t wcols = NW * static_cast<int64_t>(N);
@@ -362,28 +363,39 @@ __device__ __forceinline__ void gemv_epilogue(const DecodeArgs<T>& a, const Pair
       const int lo = __shfl_sync(0xffffffffu, ps.slot0, q & 31), hi = __shfl_sync(0xffffffffu, ps.slot1, q & 31);
       return q < 32 ? lo : q < 64 ? hi : q;
     };
-    float y = 0.f, v = 0.f;
-    int lq = 0, lk = 0, q = 0, k = 0;  // the next row to load (pair, slice), the next row to add
-    for (int i0 = 0; i0 < rows; i0 += B) {
-      float tv[B];
+    float y[NW], v[NW];
 #pragma unroll
-      for (int i = 0; i < B; ++i) {
+    for (int m = 0; m < NW; ++m) y[m] = v[m] = 0.f;
+    int lq = 0, lk = 0, q = 0, k = 0;  // the next row to load (pair, slice), the next row to add
+    for (int i0 = 0; i0 < rows; i0 += B / NW) {
+      float tv[B / NW][NW];
+#pragma unroll
+      for (int i = 0; i < B / NW; ++i) {
         const int sl = slot_of(lq);
-        tv[i] = i0 + i < rows && sl >= 0
-                    ? __ldcg(a.out2 + ((static_cast<int64_t>(lk) * slots + sl) * M + lq / k_top) * N + cc) : 0.f;
+        const float* src = a.out2 + ((static_cast<int64_t>(lk) * slots + (sl >= 0 ? sl : 0)) * M + lq / k_top) * wcols + cc;
+#pragma unroll
+        for (int m = 0; m < NW; ++m) tv[i][m] = i0 + i < rows && sl >= 0 ? __ldcg(src + m * N) : 0.f;
         if (++lk == S) { lk = 0; ++lq; }
       }
 #pragma unroll
-      for (int i = 0; i < B; ++i) {
+      for (int i = 0; i < B / NW; ++i) {
         if (i0 + i < rows) {  // warp-uniform
-          v += tv[i];
+#pragma unroll
+          for (int m = 0; m < NW; ++m) v[m] += tv[i][m];
           if (++k == S) {  // pair q done
-            y = fmaf(weight(q), v, y);
-            v = 0.f;
+            const float w = weight(q);
+#pragma unroll
+            for (int m = 0; m < NW; ++m) {
+              y[m] = fmaf(w, v[m], y[m]);
+              v[m] = 0.f;
+            }
             k = 0;
             if (++q % k_top == 0) {  // token q / k_top - 1 done
-              a.y[static_cast<int64_t>(q / k_top - 1) * N + cc] = from_float<T>(y);
-              y = 0.f;
+#pragma unroll
+              for (int m = 0; m < NW; ++m) {
+                a.y[static_cast<int64_t>(q / k_top - 1) * wcols + m * N + cc] = from_float<T>(y[m]);
+                y[m] = 0.f;
+              }
             }
           }
         }
@@ -442,7 +454,7 @@ __global__ void __launch_bounds__(kGemvThreads, 2) moe_decode_gemv_kernel(Decode
       acc4[m][t][2] = acc[m][t][1];
       acc4[m][t][1] = acc4[m][t][3] = 0.f;
     }
-  gemv_epilogue<T, GATED, 1>(a, pair_slots<T, 1>(a, p), acc4, p, s, tile, col);
+  gemv_epilogue<T, GATED, 1, NW>(a, pair_slots<T, 1>(a, p), acc4, p, s, tile, col);
 }
 
 // This path takes one token with K (H and I) a multiple of 32 and groups that span whole chunks.

@@ -45,12 +45,12 @@ struct DecodeMaps {
 };
 
 // Shared memory of a block: the weight boxes of every warp (1024-aligned for the swizzle), then per warp its
-// scale rows, zero rows, input slices (MT tokens x 128 K) and mbarriers. Stages per warp: gate_up 2, down
-// 3 (3-4 measured the same on Mixtral, BENCHMARKS.md "Decode fused MoE, v5"). The blocks per SM follow
-// from it (228 KB per SM, 1 KB reserved per block): one token, 5 (gate_up) and 6 (down); 8 tokens, 4 and 4.
+// scale rows, zero rows, input slices (MT tokens x 128 K) and mbarriers. Both GEMMs stream two 32-column
+// tiles per warp and 2 stages (3 stages measured the same on Mixtral, BENCHMARKS.md "Decode fused MoE,
+// v5"). The blocks per SM follow from it (228 KB per SM, 1 KB reserved per block): 5 for one token, 4 for 8.
 template <bool GATED, int MT> struct TmaConfig {
-  static constexpr int kMatrices = GATED ? 2 : 1;
-  static constexpr int kStages = GATED ? 2 : 3;
+  static constexpr int kMatrices = 2;  // gate_up: gate and up; down: column tiles t and t + H / 64
+  static constexpr int kStages = 2;
   static constexpr int kScaleBytes = kTmaMaxGroupRows * 32 * 2;  // per matrix and stage
   static constexpr int kZeroBytes = kTmaMaxGroupRows * 32;
   static constexpr int kInBytes = MT * kTmaStageRows * 8 * 2;    // the stage's 128 inputs of MT tokens
@@ -110,7 +110,7 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
 template <typename T, bool GATED, bool ZEROS, int MT>
 __device__ __forceinline__ void tma_tile(const DecodeMaps& maps, int in_row, uint8_t* boxes, uint8_t* small, int expert,
                                          int R, int rpg, int N, int col0, int u, int st_begin, int st_end, bool wait,
-                                         float (&acc)[GATED ? 2 : 1][2][4]) {
+                                         float (&acc)[2][2][4]) {
   using C = TmaConfig<GATED, MT>;
   constexpr int NW = C::kMatrices, NS = C::kStages;
   const CUtensorMap* qmap = GATED ? &maps.q13 : &maps.q2;
@@ -257,7 +257,7 @@ __global__ void __launch_bounds__(kTmaThreads, TmaConfig<GATED, MT>::kBlocksPerS
   if (GATED) pdl_launch_dependents();
   extern __shared__ uint8_t smem[];
   const int P = a.M * a.top_k, slots = MT == 1 ? P : min(a.E, P);
-  const int N = GATED ? a.I : a.H, R = (GATED ? a.H : a.I) / 8;
+  const int N = GATED ? a.I : a.H / 2, R = (GATED ? a.H : a.I) / 8;  // down: two halves of H, like gate and up
   const int tiles = N / kDecodeTile, n_stages = (R + kTmaStageRows - 1) / kTmaStageRows;
   const int S = GATED ? a.split13 : a.split2;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane >> 2;
@@ -287,7 +287,7 @@ __global__ void __launch_bounds__(kTmaThreads, TmaConfig<GATED, MT>::kBlocksPerS
   } else if (!GATED) {
     pdl_wait();
   }
-  gemv_epilogue<T, GATED, MT>(a, ps, acc, j, s, tile, col);
+  gemv_epilogue<T, GATED, MT, NW>(a, ps, acc, j, s, tile, col);
 #else
   __trap();  // launched only where decode_tma_available() found sm_90 code
 #endif
@@ -341,10 +341,11 @@ bool encode_decode_maps(const DecodeArgs<T>& a, DecodeMaps& maps) {
          encode_map(&maps.x2, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, a.h, slots * a.M, a.I, in_box, mt, false);
 }
 
-// This path: up to 8 tokens and 64 pairs, K (H and I) a multiple of 32, groups of 32 or more that fit the
-// stages.
+// This path: up to 8 tokens and 64 pairs, K (H and I) a multiple of 32, H of 64, groups of 32 or more
+// that fit the stages.
 inline bool decode_tma_ok(int M, int top_k, int H, int I, int rpg13, int rpg2) {
   return M >= 1 && M <= kTmaMaxTokens && M * top_k <= kTmaMaxPairs && decode_gemv_ok(1, H, I, rpg13, rpg2) &&
+         H % (2 * kDecodeTile) == 0 &&  // down's two halves
          tma_groups_ok(H / 8, rpg13) && tma_groups_ok(I / 8, rpg2);
 }
 
@@ -385,7 +386,7 @@ cudaError_t launch_tma_gemm(const DecodeMaps& maps, const DecodeArgs<T>& a, cuda
   static const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (attr != cudaSuccess) return attr;
   const int slots = MT == 1 ? a.top_k : std::min(a.E, a.M * a.top_k);
-  const int warps = slots * (GATED ? a.split13 * (a.I / kDecodeTile) : a.split2 * (a.H / kDecodeTile));
+  const int warps = slots * (GATED ? a.split13 * (a.I / kDecodeTile) : a.split2 * (a.H / (2 * kDecodeTile)));
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3((warps + kTmaWarps - 1) / kTmaWarps);
   cfg.blockDim = dim3(kTmaThreads);
