@@ -1,6 +1,7 @@
-// The decode op's launch plan and dispatcher: one token goes to a gemv kernel (TMA on sm_90,
-// moe_decode_tma.cuh; the register-ring kernel elsewhere, moe_decode_gemv.cuh), more tokens to the
-// tiled kernels (moe_decode_kernels.cuh). Torch-free: the extension and the standalone tests include it.
+// The decode op's launch plan and dispatcher: up to 8 tokens go to the TMA kernel on sm_90
+// (moe_decode_tma.cuh), one token elsewhere (and short K) to the register-ring kernel (moe_decode_gemv.cuh),
+// the rest to the tiled kernels (moe_decode_kernels.cuh). Torch-free: the extension and the standalone
+// tests include it.
 #pragma once
 #include <algorithm>
 #include <cstdio>

@@ -1,18 +1,22 @@
-// Single-token decode (M = 1) on Hopper: the gemv kernel of moe_decode_gemv.cuh with the weights
-// streamed into shared memory by the tensor memory accelerator (TMA) instead of register loads.
-// Torch-free: the extension and the standalone tests include it.
+// Decode of 1-8 tokens on Hopper: the gemv kernel of moe_decode_gemv.cuh with the weights streamed into
+// shared memory by the tensor memory accelerator (TMA) instead of register loads, and every expert's
+// weights read once for all the tokens routed to it. Torch-free: the extension and the standalone tests
+// include it.
 //
-// Why: in the register-ring kernel ptxas tracks every weight load on one scoreboard and each step
-// waits for all of them, so a warp keeps about one chunk in flight (58% of HBM on Mixtral, see
-// BENCHMARKS.md "Decode fused MoE, v4"). Here a warp owns a ring of NS shared-memory stages, each with
-// an mbarrier: lane 0 issues one 2D TMA box per matrix and stage (16 packed rows x 32 int32 columns,
-// 2 KB: 4 chunks of 32 K) plus the stage's scale and zero-point rows, and the warp waits on exactly the
-// stage it needs (mbarrier parity), so every issued stage is in flight until it is used.
+// Why TMA: in the register-ring kernel ptxas tracks every weight load on one scoreboard and each step
+// waits for all of them, so a warp keeps about one chunk in flight (58% of HBM on Mixtral, BENCHMARKS.md
+// "Decode fused MoE, v4"). Here a warp owns a ring of 2 shared-memory stages, each with an mbarrier:
+// lane 0 issues one 2D TMA box per matrix and stage (16 packed rows x 32 int32 columns, 2 KB: 4 chunks of
+// 32 K), the stage's scale and zero-point rows and its inputs (128 K of each token), and the warp waits on
+// exactly the stage it needs (mbarrier parity), so every issued stage is in flight until it is used.
 //
-// Work split, arithmetic and reductions are the gemv kernel's (moe_decode_gemv.cuh): one warp per
-// (pair, K slice, 32-column tile), mma on (magic + q) with the token in every B column, scale and zero
-// point folded into the fp32 sums per group, last-arriver reductions (gemv_epilogue). K slices are whole
-// stages.
+// Work split: one warp per (slot, K slice, pair of 32-column tiles), the tile fastest. A slot is an
+// expert (pair_slots: one token, its top-k pairs; more, the distinct experts of the call), and the warp
+// serves all the call's tokens in the mma's 8 B columns (rows of the input box; a token not routed to the
+// expert costs nothing and its sums are dropped). gate_up's two tiles are gate and up; down's are columns
+// t and t + H/2 (one warp, two boxes per stage, as for gate_up). Arithmetic and reductions are the gemv
+// kernel's: mma on (magic + q), scale and zero point folded into the fp32 sums per group, last-arriver
+// reductions (gemv_epilogue). K slices are whole stages.
 //
 // Shared-memory reads: lane 4r + c reads 16 bytes, packed row c of a chunk and 4 columns. The box rows are
 // 128 bytes (all 32 banks), so 8 lanes of a quarter-warp reading rows c = 0..3 of the same columns hit

@@ -24,9 +24,10 @@ except ImportError as e:  # the extension was not built, or was built against an
 
 # Largest number of tokens for which the quantized MoE layer should use `moe_w4a16_decode`
 # rather than the Triton fused_moe_w4a16. Measured on an H100 in one run (benchmarks/gpu_csrc.sh,
-# BENCHMARKS.md, 2026-11-25): the decode op is as fast as the Triton kernel or faster (1.0-1.2x)
-# up to M=8 on the Mixtral, DeepSeek-V2-Lite and Qwen3-30B-A3B shapes, and slower from M=16
-# (0.7-0.9x), where the Triton kernel's larger tiles pay off.
+# BENCHMARKS.md "Decode fused MoE, v5", 2026-11-25): the decode op is 1.2-1.8x faster than the Triton
+# kernel up to M=8 on the Mixtral, DeepSeek-V2-Lite and Qwen3-30B-A3B shapes, and slower from M=16
+# (0.7-0.9x; the TMA kernel takes at most 8 tokens, the tiled one above), where the Triton kernel's
+# larger tiles pay off.
 DECODE_MAX_M = 8
 
 
