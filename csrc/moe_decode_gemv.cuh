@@ -77,22 +77,58 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 
+// The mma sums of one group: part (per matrix and tile, the D fragment) and sx (the D fragment of the
+// activations against ones: sum x per token).
+template <int NW> __device__ __forceinline__ void clear_sums(float (&part)[NW][2][4], float (&sx)[4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    sx[i] = 0.f;
+#pragma unroll
+    for (int m = 0; m < NW; ++m)
+#pragma unroll
+      for (int t = 0; t < 2; ++t) part[m][t][i] = 0.f;
+  }
+}
+// acc += s * (sum (magic + q) x - (magic + z) * sum x) for the lane's 4 columns of each matrix (sc: their
+// scales, zb: their zero codes, 0x08080808 when symmetric) and its tokens k < KT (D fragment entries
+// 2i + k), once per group; then the group's sums start over.
+template <typename T, int NW, int KT>
+__device__ __forceinline__ void fold_group(float (&acc)[NW][2][4], float (&part)[NW][2][4], float (&sx)[4],
+                                           const uint2 (&sc)[NW], const uint32_t (&zb)[NW]) {
+#pragma unroll
+  for (int m = 0; m < NW; ++m)
+#pragma unroll
+    for (int t = 0; t < 2; ++t)
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int v = 2 * t + i;  // the lane's column col + v
+        const float sv = scale_at<T>(sc[m], v), z = magic_plus_zero<T>(zb[m], v);
+#pragma unroll
+        for (int k = 0; k < KT; ++k)
+          acc[m][t][2 * i + k] = fmaf(sv, fmaf(-z, sx[k], part[m][t][2 * i + k]), acc[m][t][2 * i + k]);
+      }
+  clear_sums(part, sx);
+}
+
 // One warp's K range [c_begin, c_end) (chunks of 32 K) of NW column tiles (gate_up: gate at col,
 // up at col + up_offset) for one token. in: the token's input row. Returns, per matrix m and mma
-// tile t, the sums of columns col + 2t (acc[m][t][0]) and col + 2t + 1 (acc[m][t][1]).
+// tile t, the sums of columns col + 2t (acc[m][t][0]) and col + 2t + 1 (acc[m][t][2]): gemv_epilogue's
+// layout for one token.
 // wait: call pdl_wait() after the weight prefetch and before the first activation load.
 // X_RING (down): the activations travel in the ring, read through L2 (load_act_cg_if); else (gate_up)
 // one chunk ahead through L1.
 template <typename T, int NW, bool ZEROS, bool X_RING>
 __device__ __forceinline__ void gemv_tile(const T* in, const int32_t* qe, const uint16_t* se, const uint8_t* ze,
                                           int64_t wcols, int64_t up_offset, int rows_per_group, int col, bool col_ok,
-                                          int c_begin, int c_end, bool wait, float (&acc)[NW][2][2]) {
+                                          int c_begin, int c_end, bool wait, float (&acc)[NW][2][4]) {
   constexpr int D = GemvDepth<NW>::value;
   const int c = threadIdx.x & 3;
 #pragma unroll
   for (int m = 0; m < NW; ++m)
 #pragma unroll
-    for (int t = 0; t < 2; ++t) acc[m][t][0] = acc[m][t][1] = 0.f;
+    for (int t = 0; t < 2; ++t)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[m][t][i] = 0.f;
   if (c_begin >= c_end) {
     if (wait) pdl_wait();
     return;
@@ -147,32 +183,8 @@ __device__ __forceinline__ void gemv_tile(const T* in, const int32_t* qe, const 
   load_groups();
   // mma D fragments, kept whole: with the token in every B column, entries 1 and 3 repeat 0 and 2
   float part[NW][2][4], sx[4];
-  auto clear = [&]() {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      sx[i] = 0.f;
-#pragma unroll
-      for (int m = 0; m < NW; ++m)
-#pragma unroll
-        for (int t = 0; t < 2; ++t) part[m][t][i] = 0.f;
-    }
-  };
-  clear();
-  // acc += s * (sum (magic + q) x - (magic + z) * sum x), per column, once per group
-  auto fold = [&]() {
-#pragma unroll
-    for (int m = 0; m < NW; ++m)
-#pragma unroll
-      for (int t = 0; t < 2; ++t)
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const int v = 2 * t + i;  // the lane's column col + v
-          const float s = scale_at<T>(gsc[m], v);
-          const float z = ZEROS ? magic_plus_zero<T>(gz[m], v) : Half2Math<T>::kMagicF + 8.f;
-          acc[m][t][i] = fmaf(s, fmaf(-z, sx[0], part[m][t][2 * i]), acc[m][t][i]);
-        }
-    clear();
-  };
+  clear_sums(part, sx);
+  auto fold = [&]() { fold_group<T, NW, 1>(acc, part, sx, gsc, gz); };
   const uint32_t ones[4] = {Half2Math<T>::kOnes, Half2Math<T>::kOnes, Half2Math<T>::kOnes, Half2Math<T>::kOnes};
   int prow = 4 * c_begin;  // first packed row of the current chunk
   for (int base = 0; base < n_chunks; base += D) {
@@ -431,7 +443,7 @@ __global__ void __launch_bounds__(kGemvThreads, 2) moe_decode_gemv_kernel(Decode
   const int64_t wcols = NW * static_cast<int64_t>(N);
   const int col = tile * kDecodeTile + 4 * r;
   const int expert = load_expert(a.topk_ids, a.ids64, p, a.E);
-  float acc[NW][2][2];
+  float acc[NW][2][4];  // gemv_epilogue's layout, token 0 in entries 0 and 2
   if (expert >= 0) {
     const int32_t* qe = (GATED ? a.w13 : a.w2) + static_cast<int64_t>(expert) * R * wcols;
     const uint16_t* se = reinterpret_cast<const uint16_t*>(GATED ? a.s13 : a.s2) + static_cast<int64_t>(expert) * G * wcols;
@@ -443,18 +455,11 @@ __global__ void __launch_bounds__(kGemvThreads, 2) moe_decode_gemv_kernel(Decode
 #pragma unroll
     for (int m = 0; m < NW; ++m)
 #pragma unroll
-      for (int t = 0; t < 2; ++t) acc[m][t][0] = acc[m][t][1] = 0.f;
+      for (int t = 0; t < 2; ++t)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[m][t][i] = 0.f;
   }
-  float acc4[NW][2][4];  // the epilogue's layout: token 0 in entries 0 and 2
-#pragma unroll
-  for (int m = 0; m < NW; ++m)
-#pragma unroll
-    for (int t = 0; t < 2; ++t) {
-      acc4[m][t][0] = acc[m][t][0];
-      acc4[m][t][2] = acc[m][t][1];
-      acc4[m][t][1] = acc4[m][t][3] = 0.f;
-    }
-  gemv_epilogue<T, GATED, 1, NW>(a, pair_slots<T, 1>(a, p), acc4, p, s, tile, col);
+  gemv_epilogue<T, GATED, 1, NW>(a, pair_slots<T, 1>(a, p), acc, p, s, tile, col);
 }
 
 // This path takes one token with K (H and I) a multiple of 32 and groups that span whole chunks.

@@ -165,36 +165,16 @@ __device__ __forceinline__ void tma_tile(const DecodeMaps& maps, int in_row, uin
   __syncwarp();
 
   float part[NW][2][4], sx[4];
-  auto clear = [&]() {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      sx[i] = 0.f;
-#pragma unroll
-      for (int m = 0; m < NW; ++m)
-#pragma unroll
-        for (int t = 0; t < 2; ++t) part[m][t][i] = 0.f;
-    }
-  };
-  clear();
-  // acc += s * (sum (magic + q) x - (magic + z) * sum x), per column and token, with scale row gi of the slot
-  auto fold = [&](int slot, int gi) {
+  clear_sums(part, sx);
+  auto fold = [&](int slot, int gi) {  // with scale row gi of the slot
+    uint2 sc[NW];
+    uint32_t zb[NW];
 #pragma unroll
     for (int m = 0; m < NW; ++m) {
-      const uint2 sc = *reinterpret_cast<const uint2*>(scales(slot, m) + gi * 64 + 8 * u);
-      const uint32_t zb = ZEROS ? *reinterpret_cast<const uint32_t*>(zeros(slot, m) + gi * 32 + 4 * u) : 0x08080808u;
-#pragma unroll
-      for (int t = 0; t < 2; ++t)
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const int v = 2 * t + i;
-          const float s = scale_at<T>(sc, v);
-          const float z = magic_plus_zero<T>(zb, v);
-#pragma unroll
-          for (int k = 0; k < (MT == 1 ? 1 : 2); ++k)  // the lane's tokens (B columns 2c, 2c + 1; MT = 1: one)
-            acc[m][t][2 * i + k] = fmaf(s, fmaf(-z, sx[k], part[m][t][2 * i + k]), acc[m][t][2 * i + k]);
-        }
+      sc[m] = *reinterpret_cast<const uint2*>(scales(slot, m) + gi * 64 + 8 * u);
+      zb[m] = ZEROS ? *reinterpret_cast<const uint32_t*>(zeros(slot, m) + gi * 32 + 4 * u) : 0x08080808u;
     }
-    clear();
+    fold_group<T, NW, MT == 1 ? 1 : 2>(acc, part, sx, sc, zb);
   };
 
   const uint32_t ones[4] = {Half2Math<T>::kOnes, Half2Math<T>::kOnes, Half2Math<T>::kOnes, Half2Math<T>::kOnes};
