@@ -443,21 +443,15 @@ __global__ void __launch_bounds__(kGemvThreads, 2) moe_decode_gemv_kernel(Decode
   const int64_t wcols = NW * static_cast<int64_t>(N);
   const int col = tile * kDecodeTile + 4 * r;
   const int expert = load_expert(a.topk_ids, a.ids64, p, a.E);
-  float acc[NW][2][4];  // gemv_epilogue's layout, token 0 in entries 0 and 2
+  float acc[NW][2][4] = {};  // gemv_epilogue's layout, token 0 in entries 0 and 2
   if (expert >= 0) {
     const int32_t* qe = (GATED ? a.w13 : a.w2) + static_cast<int64_t>(expert) * R * wcols;
     const uint16_t* se = reinterpret_cast<const uint16_t*>(GATED ? a.s13 : a.s2) + static_cast<int64_t>(expert) * G * wcols;
     const uint8_t* ze = ZEROS ? (GATED ? a.z13 : a.z2) + static_cast<int64_t>(expert) * G * wcols : nullptr;
     const T* in = GATED ? a.x : a.h + static_cast<int64_t>(p) * a.I;
     gemv_tile<T, NW, ZEROS, !GATED>(in, qe, se, ze, wcols, N, rpg, col, true, c_begin, c_end, !GATED, acc);
-  } else {  // an id out of range: the pair contributes nothing
-    if (!GATED) pdl_wait();
-#pragma unroll
-    for (int m = 0; m < NW; ++m)
-#pragma unroll
-      for (int t = 0; t < 2; ++t)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[m][t][i] = 0.f;
+  } else if (!GATED) {  // an id out of range: the pair contributes nothing
+    pdl_wait();
   }
   gemv_epilogue<T, GATED, 1, NW>(a, pair_slots<T, 1>(a, p), acc, p, s, tile, col);
 }

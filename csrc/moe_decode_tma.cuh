@@ -255,13 +255,7 @@ __global__ void __launch_bounds__(kTmaThreads, TmaConfig<GATED, MT>::kBlocksPerS
   const int st_begin = n_stages * s / S, st_end = n_stages * (s + 1) / S;
   const int u = (r >> 1) | ((r & 1) << 2);  // the lane group's column unit (see the top of the file)
   const int col = tile * kDecodeTile + 4 * u;
-  float acc[NW][2][4];
-#pragma unroll
-  for (int m = 0; m < NW; ++m)
-#pragma unroll
-    for (int t = 0; t < 2; ++t)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[m][t][i] = 0.f;
+  float acc[NW][2][4] = {};
   if (ps.expert >= 0 && st_begin < st_end) {
     uint8_t* base = smem + ((1024u - (smem_u32(smem) & 1023u)) & 1023u);
     tma_tile<T, GATED, ZEROS, MT>(maps, GATED ? 0 : j * a.M, base + warp * C::kStages * NW * kTmaBoxBytes,
