@@ -37,7 +37,7 @@ inline DecodePlan decode_plan(int M, int top_k, int E, int H, int I, int rpg13, 
   plan.rows = M * top_k;
   const int tiles13 = I / kDecodeTile, tiles2 = H / kDecodeTile;
   const int st13 = (H / 8 + kTmaStageRows - 1) / kTmaStageRows, st2 = (I / 8 + kTmaStageRows - 1) / kTmaStageRows;
-  const int slots = M == 1 ? top_k : std::min(E, M * top_k);
+  const int slots = decode_slots(M, top_k, E);
   if (tma && decode_tma_ok(M, top_k, H, I, rpg13, rpg2)) {
     const int s13 = tma_split(slots * tiles13, st13, tma_blocks_per_sm(true, M), num_sms);
     const char* force = std::getenv("MOEQUANT_DECODE_TMA");

@@ -243,6 +243,11 @@ __device__ __forceinline__ void gemv_tile(const T* in, const int32_t* qe, const 
 struct PairSlots {
   int n, expert, slot0, slot1;
 };
+// The slots of a call (grid rows of the gemv kernels; h is [slots][M] rows): M = 1, its pairs; more
+// tokens, at most one per expert.
+__host__ __device__ inline int decode_slots(int M, int top_k, int E) {
+  return M == 1 ? top_k : (E < M * top_k ? E : M * top_k);
+}
 template <typename T, int MT>
 __device__ __forceinline__ PairSlots pair_slots(const DecodeArgs<T>& a, int want) {
   const int P = a.M * a.top_k, lane = threadIdx.x & 31;
@@ -288,7 +293,7 @@ template <typename T, bool GATED, int MT, int NW>
 __device__ __forceinline__ void gemv_epilogue(const DecodeArgs<T>& a, const PairSlots& ps, const float (&acc)[NW][2][4],
                                               int j, int s, int tile, int col) {
   static_assert(!GATED || NW == 2, "gate_up has two matrices");
-  const int M = a.M, P = M * a.top_k, slots = MT == 1 ? P : min(a.E, P);
+  const int M = a.M, P = M * a.top_k, slots = decode_slots(M, a.top_k, a.E);
   const int N = GATED ? a.I : a.H / NW, tiles = N / kDecodeTile;
   const int S = GATED ? a.split13 : a.split2;
   const int lane = threadIdx.x & 31, c = lane & 3;

@@ -240,7 +240,7 @@ __global__ void __launch_bounds__(kTmaThreads, TmaConfig<GATED, MT>::kBlocksPerS
   constexpr int NW = C::kMatrices;
   if (GATED) pdl_launch_dependents();
   extern __shared__ uint8_t smem[];
-  const int P = a.M * a.top_k, slots = MT == 1 ? P : min(a.E, P);
+  const int slots = decode_slots(a.M, a.top_k, a.E);
   const int N = GATED ? a.I : a.H / 2, R = (GATED ? a.H : a.I) / 8;  // down: two halves of H, like gate and up
   const int tiles = N / kDecodeTile, n_stages = (R + kTmaStageRows - 1) / kTmaStageRows;
   const int S = GATED ? a.split13 : a.split2;
@@ -311,7 +311,7 @@ bool encode_decode_maps(const DecodeArgs<T>& a, DecodeMaps& maps) {
                               false));
   };
   const int mt = a.M == 1 ? 1 : kTmaMaxTokens;    // input box rows: the tokens of a slot
-  const int64_t slots = a.M == 1 ? a.top_k : std::min(a.E, a.M * a.top_k);
+  const int64_t slots = decode_slots(a.M, a.top_k, a.E);
   constexpr int in_box = kTmaStageRows * 8;  // a stage's inputs
   return gemm(maps.q13, maps.s13, maps.z13, a.w13, a.s13, a.z13, a.H, 2 * a.I, a.rows_per_group13) &&
          gemm(maps.q2, maps.s2, maps.z2, a.w2, a.s2, a.z2, a.I, a.H, a.rows_per_group2) &&
@@ -363,7 +363,7 @@ cudaError_t launch_tma_gemm(const DecodeMaps& maps, const DecodeArgs<T>& a, cuda
   constexpr int smem = TmaConfig<GATED, MT>::kSmem;
   static const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (attr != cudaSuccess) return attr;
-  const int slots = MT == 1 ? a.top_k : std::min(a.E, a.M * a.top_k);
+  const int slots = decode_slots(a.M, a.top_k, a.E);
   const int warps = slots * (GATED ? a.split13 * (a.I / kDecodeTile) : a.split2 * (a.H / (2 * kDecodeTile)));
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3((warps + kTmaWarps - 1) / kTmaWarps);
