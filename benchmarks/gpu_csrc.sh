@@ -35,15 +35,17 @@ if has build; then
 fi
 
 if has test; then
-  $PY -m pytest -q tests/test_csrc_dequant.py tests/test_csrc_moe_decode.py -k "not bad_input" 2>&1 | tee "$OUT/tests.log" | tail -15
+  # (a hang, e.g. a lost mbarrier phase, ends at STEP_TIMEOUT instead of the whole call)
+  timeout ${STEP_TIMEOUT:-300} $PY -m pytest -q tests/test_csrc_dequant.py tests/test_csrc_moe_decode.py -k "not bad_input" 2>&1 | tee "$OUT/tests.log" | tail -15
   RC[test]=$?
   # the error-path tests apart: a crash there must not hide the others
   $PY -m pytest -q tests/test_csrc_dequant.py tests/test_csrc_moe_decode.py -k "bad_input" 2>&1 | tee -a "$OUT/tests.log" | tail -4
   RC[test_errors]=$?
-  # one token through both one-token kernels: TMA on every shape it takes (=2), and the register ring (=0)
+  # one token through the two-launch kernels too (the fused one is the default where it applies): TMA on
+  # every shape it takes (=2), and the register ring (=0)
   for tma in 2 0; do
-    MOEQUANT_DECODE_TMA=$tma $PY -m pytest -q tests/test_csrc_moe_decode.py -k "cuda and (M1 or one_token)" 2>&1 \
-      | tee -a "$OUT/tests.log" | tail -2
+    MOEQUANT_DECODE_FUSED=0 MOEQUANT_DECODE_TMA=$tma timeout ${STEP_TIMEOUT:-300} $PY -m pytest -q tests/test_csrc_moe_decode.py \
+      -k "cuda and (M1 or one_token)" 2>&1 | tee -a "$OUT/tests.log" | tail -2
     RC[test_tma$tma]=$?
   done
   if [ "${RC[test_errors]}" != 0 ]; then
@@ -57,9 +59,9 @@ if has test; then
 fi
 
 if has ctest; then
-  ctest --test-dir build/cmake --output-on-failure 2>&1 | tee -a "$OUT/ctest.log" | tail -8
+  ctest --test-dir build/cmake --output-on-failure --timeout ${STEP_TIMEOUT:-300} 2>&1 | tee -a "$OUT/ctest.log" | tail -8
   RC[ctest]=$?
-  build/cmake/test_kernels_cuda 2>&1 | tail -20 | tee -a "$OUT/ctest.log"
+  timeout ${STEP_TIMEOUT:-300} build/cmake/test_kernels_cuda 2>&1 | tail -30 | tee -a "$OUT/ctest.log"
   if [ "${RC[ctest]}" != 0 ]; then
     cuda-gdb -batch -ex run -ex bt build/cmake/test_kernels_cuda 2>&1 | grep -vE "^\[New Thread|^\[Thread" | tail -20 | tee -a "$OUT/ctest.log"
   fi
@@ -101,7 +103,8 @@ fi
 
 if has bench; then
   $PY benchmarks/bench_dequant.py --json "$OUT/bench_dequant.json" 2>&1 | tee "$OUT/bench.log" | tail -20
-  $PY benchmarks/bench_decode_moe.py --json "$OUT/bench_decode.json" 2>&1 | tee -a "$OUT/bench.log" | grep -E "^\||device|fail|Error|not available"
+  timeout ${STEP_TIMEOUT:-300} $PY benchmarks/bench_decode_moe.py --json "$OUT/bench_decode.json" ${BENCH_ARGS:-} 2>&1 \
+    | tee -a "$OUT/bench.log" | grep -E "^\||device|fail|Error|not available"
   RC[bench]=$?
 fi
 
@@ -114,7 +117,7 @@ if has paths; then
   done
   for v in ${VARIANTS:-}; do  # env settings joined by +, e.g. VARIANTS="MOEQUANT_DECODE_SPLITS=2,10+MOEQUANT_DECODE_STAGES=3,4"
     echo "== $v" | tee -a "$OUT/paths.log"
-    env ${v//+/ } $PY benchmarks/bench_decode_moe.py --shapes "${VARIANT_SHAPES:-mixtral}" --ms 1 --no-baselines 2>&1 \
+    env ${v//+/ } $PY benchmarks/bench_decode_moe.py --shapes "${VARIANT_SHAPES:-mixtral}" --ms "${VARIANT_MS:-1}" --no-baselines 2>&1 \
       | tee -a "$OUT/paths.log" | grep -E "^\| [A-Z]"
   done
   echo "paths done at $((SECONDS - t0)) s"

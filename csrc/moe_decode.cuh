@@ -1,13 +1,14 @@
-// The decode op's launch plan and dispatcher: up to 8 tokens go to the TMA kernel on sm_90
-// (moe_decode_tma.cuh), one token elsewhere (and short K) to the register-ring kernel (moe_decode_gemv.cuh),
-// the rest to the tiled kernels (moe_decode_kernels.cuh). Torch-free: the extension and the standalone
+// The decode op's launch plan and dispatcher: one token goes to the one-pass fused kernel on sm_90
+// (moe_decode_fused.cuh) where it takes the shape, 2-8 tokens to the TMA kernel (moe_decode_tma.cuh), one
+// token elsewhere to the register-ring kernel (moe_decode_gemv.cuh), the rest to the tiled kernels
+// (moe_decode_kernels.cuh). Torch-free: the extension and the standalone
 // tests include it.
 #pragma once
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 
-#include "moe_decode_tma.cuh"
+#include "moe_decode_fused.cuh"
 
 namespace moequant {
 namespace cuda {
@@ -16,12 +17,14 @@ namespace cuda {
 // [rows, I], the fp32 workspaces [split][rows][2I] and [split][rows][H]). The gemv paths fill the warps
 // that fit on the GPU at once: register kernel, 2 blocks of 8 warps per SM and at least 4 chunks (128 K)
 // per warp; TMA kernel, TmaConfig's blocks of 4 warps per SM and at least one stage per warp.
-//   one token: the TMA kernel where its gate_up warps get 4 stages or more (its pipeline pays off on long
+//   one token: the fused kernel where decode_fused_ok takes the shape (its grid in split2: out2 holds the
+//     blocks' partial outputs [grid][H]); else the TMA kernel where its gate_up warps get 4 stages or more (its pipeline pays off on long
 //     K slices; on short ones, DeepSeek-V2-Lite and Qwen3-30B-A3B at 1-2 stages per warp, the register
 //     kernel measured faster: BENCHMARKS.md "Decode fused MoE, v5"), else the register kernel;
 //   2-8 tokens: the TMA kernel (one slot per distinct expert, its tokens in the mma's B columns), else
 //     the tiled kernels.
-// MOEQUANT_DECODE_TMA=0 / =2 turn the TMA kernel off / on for every shape it takes (decode_tma_available);
+// MOEQUANT_DECODE_FUSED=0 turns the fused kernel off (decode_fused_available); MOEQUANT_DECODE_TMA=0 / =2
+// turn the TMA kernel off / on for every shape it takes (decode_tma_available);
 // MOEQUANT_DECODE_SPLITS="a,b" sets the gemv splits. Both for measuring.
 struct DecodePlan {
   int split13 = 1, split2 = 1;
@@ -32,9 +35,16 @@ inline int gemv_split(int pairs_x_tiles, int chunks, int num_sms) {
   const int fit = 2 * num_sms * kGemvWarps / pairs_x_tiles;
   return std::max(1, std::min(fit, chunks / 4));
 }
-inline DecodePlan decode_plan(int M, int top_k, int E, int H, int I, int rpg13, int rpg2, int num_sms, bool tma) {
+inline DecodePlan decode_plan(int M, int top_k, int E, int H, int I, int rpg13, int rpg2, int num_sms, bool tma,
+                              bool fused) {
   DecodePlan plan;
   plan.rows = M * top_k;
+  if (fused && decode_fused_ok(M, H, I, rpg13, rpg2)) {
+    plan.path = kDecodeFused;
+    plan.split2 = fused_grid(top_k, I, num_sms);
+    plan.rows = 1;
+    return plan;
+  }
   const int tiles13 = I / kDecodeTile, tiles2 = H / kDecodeTile;
   const int st13 = (H / 8 + kTmaStageRows - 1) / kTmaStageRows, st2 = (I / 8 + kTmaStageRows - 1) / kTmaStageRows;
   const int slots = decode_slots(M, top_k, E);
@@ -72,6 +82,10 @@ template <typename T>
 cudaError_t launch_decode(const DecodeArgs<T>& a, cudaStream_t stream) {
   if (a.path == kDecodeTiles) return launch_decode_tiles(a, stream);
   if (a.split13 < 1 || a.split2 < 1) return cudaErrorInvalidValue;
+  if (a.path == kDecodeFused) {
+    if (a.z13) return a.z2 ? launch_decode_fused<T, true, true>(a, stream) : launch_decode_fused<T, true, false>(a, stream);
+    return a.z2 ? launch_decode_fused<T, false, true>(a, stream) : launch_decode_fused<T, false, false>(a, stream);
+  }
   if (a.path == kDecodeGemvTma) {
     if (a.M > kTmaMaxTokens || a.M * a.top_k > kTmaMaxPairs) return cudaErrorInvalidValue;
     if (a.z13) return a.z2 ? launch_decode_tma<T, true, true>(a, stream) : launch_decode_tma<T, true, false>(a, stream);

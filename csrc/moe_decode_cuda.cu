@@ -79,7 +79,7 @@ at::Tensor moe_w4a16_decode_cuda(const at::Tensor& x, const at::Tensor& w13_qwei
   const cuda::DecodePlan plan =
       cuda::decode_plan(static_cast<int>(d.M), static_cast<int>(d.top_k), static_cast<int>(d.E), static_cast<int>(d.H),
                         static_cast<int>(d.I), rows_per_group(w13, "w13"), rows_per_group(w2, "w2"), num_sms,
-                        cuda::decode_tma_available());
+                        cuda::decode_tma_available(), cuda::decode_fused_available());
   const int64_t split13 = plan.split13, split2 = plan.split2;
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor h = at::empty({plan.rows, d.I}, x.options());

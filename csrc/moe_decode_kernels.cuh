@@ -45,7 +45,7 @@ constexpr int kDecodeMaxPairs = 1024;  // M * top_k of one call
 constexpr int kDecodeTile = 32;        // output columns per block
 constexpr int kDecodeMaxSplit = 8;     // K splits of a GEMM across blocks
 
-enum DecodePath { kDecodeTiles = 0, kDecodeGemv = 1, kDecodeGemvTma = 2 };
+enum DecodePath { kDecodeTiles = 0, kDecodeGemv = 1, kDecodeGemvTma = 2, kDecodeFused = 3 };
 
 template <typename T>
 struct DecodeArgs {
@@ -63,7 +63,7 @@ struct DecodeArgs {
   int M, top_k, E, H, I;
   int rows_per_group13, rows_per_group2;  // group size / 8 (packed rows per group)
   int split13, split2;     // K splits of each GEMM (decode_plan() picks them; tiled: at most kDecodeMaxSplit)
-  int path;                // kDecodeTiles, kDecodeGemv or kDecodeGemvTma (decode_plan in moe_decode.cuh)
+  int path;                // a DecodePath (decode_plan in moe_decode.cuh)
   T* h;                    // [rows, I] workspace (rows: decode_plan; M*k except on the TMA path)
   float* out13;            // [split13, rows, 2I] workspace (used when split13 > 1)
   float* out2;             // [split2, rows, H] workspace

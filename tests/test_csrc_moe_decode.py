@@ -75,7 +75,10 @@ def test_moe_decode_bad_input_raises():
                                             # one token (the gemv kernel): ragged column tiles, per channel,
                                             # K split in gate_up; group 16 at M=1 goes to the tiled kernel
                                             (1, 16, 4, 544, 1440, 32, False), (1, 8, 2, 1024, 256, -1, True),
-                                            (1, 8, 2, 4096, 512, 64, False), (1, 8, 2, 256, 128, 16, False)],
+                                            (1, 8, 2, 4096, 512, 64, False), (1, 8, 2, 256, 128, 16, False),
+                                            # one token through the fused kernel (sm_90): groups of 32, and
+                                            # of 512 K (two gate_up stages per group)
+                                            (1, 16, 4, 1024, 96, 32, False), (1, 8, 2, 2048, 256, 512, True)],
                          ids=lambda s: "M{}-E{}-k{}-H{}-I{}-g{}-{}".format(*s[:6], "sym" if s[6] else "asym"))
 def test_moe_decode_cuda(shape, dtype):
     M, E, k, H, I, group, sym = shape

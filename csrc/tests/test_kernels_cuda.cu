@@ -134,7 +134,8 @@ int test_dequant_bf16_fast_path_odd(std::mt19937& rng) {  // partial row and col
   return check_dequant_bf16_fast_path(random_weight(2, 40, 136, 4, 8, rng), false, "40x136 g8 asym");
 }
 
-int test_decode(int M, int E, int k, int H, int I, int group, bool sym, std::mt19937& rng) {
+// bad_id: token 0's last expert id is E (out of range): that pair contributes nothing.
+int test_decode(int M, int E, int k, int H, int I, int group, bool sym, std::mt19937& rng, bool bad_id = false) {
   const Weight w13 = random_weight(E, 2 * I, H, 4, group, rng);
   const Weight w2 = random_weight(E, H, I, 4, group, rng);
   const std::vector<float> W13 = host_dequant(w13, sym), W2 = host_dequant(w2, sym);
@@ -152,11 +153,13 @@ int test_decode(int M, int E, int k, int H, int I, int group, bool sym, std::mt1
       wts[t * k + j] = 0.1f + static_cast<float>(rng() % 1000) / 1000.f;
     }
   }
+  if (bad_id) ids[k - 1] = E;
   // float64 reference
   std::vector<double> want(static_cast<size_t>(M) * H, 0.0);
   for (int t = 0; t < M; ++t)
     for (int j = 0; j < k; ++j) {
       const int e = ids[t * k + j];
+      if (e >= E) continue;
       std::vector<double> hv(I);
       for (int n = 0; n < I; ++n) {
         double g = 0, u = 0;
@@ -192,13 +195,17 @@ int test_decode(int M, int E, int k, int H, int I, int group, bool sym, std::mt1
   a.rows_per_group13 = group / 8; a.rows_per_group2 = group / 8;
   int num_sms = 0;
   CHECK_CUDA(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, 0));
-  // the TMA kernel wherever it takes the shape (main sets MOEQUANT_DECODE_TMA=2), and the register or
-  // tiled kernel on the same problem
-  const bool tma = moequant::cuda::decode_tma_available();
-  std::vector<moequant::cuda::DecodePlan> plans = {
-      moequant::cuda::decode_plan(M, k, E, H, I, group / 8, group / 8, num_sms, tma)};
-  if (plans[0].path == moequant::cuda::kDecodeGemvTma)
-    plans.push_back(moequant::cuda::decode_plan(M, k, E, H, I, group / 8, group / 8, num_sms, false));
+  // every kernel that takes the problem: the fused one-token kernel, the TMA kernel wherever it takes the
+  // shape (main sets MOEQUANT_DECODE_TMA=2), and the register or tiled kernel
+  const bool tma = moequant::cuda::decode_tma_available(), fused = moequant::cuda::decode_fused_available();
+  std::vector<moequant::cuda::DecodePlan> plans;
+  for (const bool use_fused : {fused, false})
+    for (const bool use_tma : {tma, false}) {
+      const moequant::cuda::DecodePlan pl =
+          moequant::cuda::decode_plan(M, k, E, H, I, group / 8, group / 8, num_sms, use_tma, use_fused);
+      if (std::none_of(plans.begin(), plans.end(), [&](const moequant::cuda::DecodePlan& q) { return q.path == pl.path; }))
+        plans.push_back(pl);
+    }
   const size_t ncount = moequant::cuda::decode_counters(E, H, I);
   int fails = 0;
   for (const moequant::cuda::DecodePlan& pl : plans) {
@@ -229,7 +236,7 @@ int test_decode(int M, int E, int k, int H, int I, int group, bool sym, std::mt1
     }
     const double rel = std::sqrt(num / den);
     const bool ok = rel < 5e-3;  // bf16 output rounding is ~2e-3
-    static const char* names[] = {"tiles", "gemv", "gemv-tma"};
+    static const char* names[] = {"tiles", "gemv", "gemv-tma", "fused"};
     std::printf("%s decode M=%d E=%d k=%d H=%d I=%d g=%d %s [%s, splits %d/%d]: rel err %.2e\n", ok ? "ok  " : "FAIL", M,
                 E, k, H, I, group, sym ? "sym" : "asym", names[pl.path], pl.split13, pl.split2, rel);
     fails += !ok;
@@ -268,6 +275,11 @@ int main() {
   fails += test_decode(1, 8, 2, 264, 136, 8, true, rng);
   // groups of 256 K: two TMA stages per group, K slices that start inside a group
   fails += test_decode(1, 8, 2, 768, 768, 256, false, rng);
+  // one token through the fused kernel: groups of 32 (a fold per chunk, scale rows per stage 16), 512 K
+  // (two gate_up stages per group) and an id out of range (the pair is skipped)
+  fails += test_decode(1, 16, 4, 1024, 96, 32, false, rng);
+  fails += test_decode(1, 8, 2, 2048, 256, 512, true, rng);
+  fails += test_decode(1, 8, 3, 3072, 160, 64, false, rng, /*bad_id=*/true);
   // 2-8 tokens through the TMA kernel (one slot per distinct expert): few experts shared by all tokens,
   // many experts with few tokens each, and the most pairs it takes (64)
   fails += test_decode(8, 8, 2, 1024, 512, 128, false, rng);
