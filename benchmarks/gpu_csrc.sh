@@ -86,15 +86,15 @@ fi
 
 if has ncu; then
   # what limits the decode kernels: speed of light, memory, occupancy, stall reasons (2 launches of one call)
-  for case in "mixtral 1" "qwen3 1" "mixtral 8"; do
-    set -- $case
+  for case in ${NCU_CASES:-mixtral:1 qwen3:1 mixtral:8}; do
+    set -- ${case/:/ }
     echo "== ncu $1 M=$2" | tee -a "$OUT/ncu.log"
-    ncu -k regex:moe_decode --launch-skip 2 --launch-count 2 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+    timeout ${STEP_TIMEOUT:-300} ncu -k regex:moe_decode --launch-skip 2 --launch-count 2 --section SpeedOfLight --section MemoryWorkloadAnalysis \
       --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
       $PY benchmarks/profile_decode.py --shape $1 --m $2 2>&1 | grep -vE "^==PROF==" >> "$OUT/ncu.log"
   done
   # instructions, pipe use and stall reasons (per issued instruction) at Mixtral M=1
-  ncu -k regex:moe_decode --launch-skip 2 --launch-count 2 --page raw --metrics \
+  timeout ${STEP_TIMEOUT:-300} ncu -k regex:moe_decode --launch-skip 2 --launch-count 2 --page raw --metrics \
     smsp__inst_executed.sum,gpu__time_duration.sum,dram__bytes_read.sum,regex:sm__inst_executed_pipe_.*.avg.pct_of_peak_sustained_active,regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio,smsp__issue_active.avg.pct_of_peak_sustained_active \
     $PY benchmarks/profile_decode.py --shape mixtral --m 1 2>&1 | grep -vE "^==PROF==|device__" > "$OUT/ncu_raw.log"
   grep -E "== ncu|moe_decode|Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)|Registers Per|Achieved Occupancy|Theoretical Occupancy|Issued Warp|Stall" "$OUT/ncu.log" | head -80
