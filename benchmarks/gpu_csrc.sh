@@ -36,7 +36,8 @@ fi
 
 if has test; then
   # (a hang, e.g. a lost mbarrier phase, ends at STEP_TIMEOUT instead of the whole call)
-  timeout ${STEP_TIMEOUT:-300} $PY -m pytest -q tests/test_csrc_dequant.py tests/test_csrc_moe_decode.py -k "not bad_input" 2>&1 | tee "$OUT/tests.log" | tail -15
+  MOEQUANT_DECODE_FUSED=${MOEQUANT_DECODE_FUSED:-1} timeout ${STEP_TIMEOUT:-300} $PY -m pytest -q tests/test_csrc_dequant.py \
+    tests/test_csrc_moe_decode.py -k "not bad_input" 2>&1 | tee "$OUT/tests.log" | tail -15
   RC[test]=$?
   # the error-path tests apart: a crash there must not hide the others
   $PY -m pytest -q tests/test_csrc_dequant.py tests/test_csrc_moe_decode.py -k "bad_input" 2>&1 | tee -a "$OUT/tests.log" | tail -4

@@ -23,7 +23,8 @@ namespace cuda {
 //     kernel measured faster: BENCHMARKS.md "Decode fused MoE, v5"), else the register kernel;
 //   2-8 tokens: the TMA kernel (one slot per distinct expert, its tokens in the mma's B columns), else
 //     the tiled kernels.
-// MOEQUANT_DECODE_FUSED=0 turns the fused kernel off (decode_fused_available); MOEQUANT_DECODE_TMA=0 / =2
+// MOEQUANT_DECODE_FUSED=1 / =0 turns the fused kernel on / off (decode_fused_available; the default is
+// kFusedByDefault); MOEQUANT_DECODE_TMA=0 / =2
 // turn the TMA kernel off / on for every shape it takes (decode_tma_available);
 // MOEQUANT_DECODE_SPLITS="a,b" sets the gemv splits. Both for measuring.
 struct DecodePlan {

@@ -346,12 +346,17 @@ bool encode_fused_maps(const DecodeArgs<T>& a, FusedMaps& maps) {
          (!a.z2 || encode_map(&maps.z2, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, a.z2, a.E * G2, a.H, 256, 1, false));
 }
 
-// The current device runs sm_90 code of the fused kernel and the driver encodes tensor maps.
-// MOEQUANT_DECODE_FUSED=0 turns the path off (for measuring the two-launch kernels against it).
+// Whether decode_plan takes the fused kernel when MOEQUANT_DECODE_FUSED is not set. Off until the kernel
+// has been run and measured on an H100 (BENCHMARKS.md "Decode fused MoE, v6"): no GPU was lent in the
+// session that wrote it.
+constexpr bool kFusedByDefault = false;
+
+// The current device runs sm_90 code of the fused kernel and the driver encodes tensor maps, and the path
+// is wanted: MOEQUANT_DECODE_FUSED=1 / =0 turns it on / off, unset: kFusedByDefault.
 inline bool decode_fused_available() {
   static const bool ok = [] {
     const char* env = std::getenv("MOEQUANT_DECODE_FUSED");
-    if (env && env[0] == '0') return false;
+    if (env ? env[0] != '1' : !kFusedByDefault) return false;
     int dev = 0, major = 0;
     cudaFuncAttributes attr{};
     if (cudaGetDevice(&dev) != cudaSuccess ||

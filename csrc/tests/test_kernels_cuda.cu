@@ -254,6 +254,7 @@ int main() {
     return 77;  // ctest SKIP_RETURN_CODE
   }
   setenv("MOEQUANT_DECODE_TMA", "2", 1);  // test the TMA kernel on every shape it takes, not only long K
+  setenv("MOEQUANT_DECODE_FUSED", "1", 1);  // and the fused one-token kernel, on by default or not
   std::mt19937 rng(99);
   int fails = 0;
   for (int bits : {2, 3, 4, 8})
