@@ -383,16 +383,8 @@ cudaError_t launch_decode_fused(const DecodeArgs<T>& a, cudaStream_t stream) {
   kernel<<<a.split2, kFusedThreads, fused_smem_bytes(a.H), stream>>>(maps, a);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((a.H / 4 + 7) / 8);
-  cfg.blockDim = dim3(256);
-  cfg.stream = stream;
-  cudaLaunchAttribute at[1];
-  at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  at[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = at;
-  cfg.numAttrs = decode_use_pdl() ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, moe_decode_fused_reduce<T>, static_cast<const float*>(a.out2), a.split2, a.H, a.y);
+  return launch_maybe_pdl(moe_decode_fused_reduce<T>, dim3((a.H / 4 + 7) / 8), dim3(256), 0, stream, decode_use_pdl(),
+                          static_cast<const float*>(a.out2), a.split2, a.H, a.y);
 }
 
 }  // namespace cuda

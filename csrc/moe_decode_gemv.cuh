@@ -480,6 +480,24 @@ inline bool decode_use_pdl() {
   return use;
 }
 
+// kernel(args...) on grid x block with smem bytes of dynamic shared memory; with pdl, as a programmatic
+// dependent launch of the kernel before it in the stream.
+template <typename... KArgs, typename... Args>
+cudaError_t launch_maybe_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, int smem, cudaStream_t stream, bool pdl,
+                             Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute at[1];
+  at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  at[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = at;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
 template <typename T, bool ZEROS13, bool ZEROS2>
 cudaError_t launch_decode_gemv(const DecodeArgs<T>& a, cudaStream_t stream) {
   const dim3 g1((a.top_k * a.split13 * (a.I / kDecodeTile) + kGemvWarps - 1) / kGemvWarps);
@@ -487,16 +505,7 @@ cudaError_t launch_decode_gemv(const DecodeArgs<T>& a, cudaStream_t stream) {
   moe_decode_gemv_kernel<T, true, ZEROS13><<<g1, kGemvThreads, 0, stream>>>(a);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = g2;
-  cfg.blockDim = dim3(kGemvThreads);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = decode_use_pdl() ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, moe_decode_gemv_kernel<T, false, ZEROS2>, a);
+  return launch_maybe_pdl(moe_decode_gemv_kernel<T, false, ZEROS2>, g2, dim3(kGemvThreads), 0, stream, decode_use_pdl(), a);
 }
 
 }  // namespace cuda

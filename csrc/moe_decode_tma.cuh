@@ -365,17 +365,7 @@ cudaError_t launch_tma_gemm(const DecodeMaps& maps, const DecodeArgs<T>& a, cuda
   if (attr != cudaSuccess) return attr;
   const int slots = decode_slots(a.M, a.top_k, a.E);
   const int warps = slots * (GATED ? a.split13 * (a.I / kDecodeTile) : a.split2 * (a.H / (2 * kDecodeTile)));
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((warps + kTmaWarps - 1) / kTmaWarps);
-  cfg.blockDim = dim3(kTmaThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute at[1];
-  at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  at[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = at;
-  cfg.numAttrs = pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, kernel, maps, a);
+  return launch_maybe_pdl(kernel, dim3((warps + kTmaWarps - 1) / kTmaWarps), dim3(kTmaThreads), smem, stream, pdl, maps, a);
 }
 
 template <typename T, bool ZEROS13, bool ZEROS2, int MT>
