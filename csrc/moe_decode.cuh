@@ -1,8 +1,8 @@
-// The decode op's launch plan and dispatcher: one token goes to the one-pass fused kernel on sm_90
-// (moe_decode_fused.cuh) where it takes the shape, 2-8 tokens to the TMA kernel (moe_decode_tma.cuh), one
-// token elsewhere to the register-ring kernel (moe_decode_gemv.cuh), the rest to the tiled kernels
-// (moe_decode_kernels.cuh). Torch-free: the extension and the standalone
-// tests include it.
+// The decode op's launch plan and dispatcher. One token: the one-pass fused kernel on sm_90
+// (moe_decode_fused.cuh) where it is switched on and takes the shape, else the TMA kernel
+// (moe_decode_tma.cuh) on long K and the register-ring kernel (moe_decode_gemv.cuh) elsewhere; 2-8 tokens:
+// the TMA kernel; the rest: the tiled kernels (moe_decode_kernels.cuh). Torch-free: the extension and the
+// standalone tests include it.
 #pragma once
 #include <algorithm>
 #include <cstdio>

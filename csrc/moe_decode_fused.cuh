@@ -1,6 +1,8 @@
 // One-token decode in one streaming pass (sm_90): gate_up, SiLU * up and down of every routed expert in a
 // single persistent grid, with no dependency between the two GEMMs. Torch-free: the extension and the
 // standalone tests include it.
+// Status: written and compiled, never run (no GPU could be had in the session that wrote it), so it is off
+// unless MOEQUANT_DECODE_FUSED=1 (kFusedByDefault, BENCHMARKS.md "Decode fused MoE, v6").
 //
 // Why: the two-launch kernels (moe_decode_tma.cuh, moe_decode_gemv.cuh) compute all of h before any
 // down weight is read. With one token that is two short dependent streams, each with its own ramp,
