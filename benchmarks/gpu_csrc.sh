@@ -42,8 +42,8 @@ if has test; then
   # the error-path tests apart: a crash there must not hide the others
   $PY -m pytest -q tests/test_csrc_dequant.py tests/test_csrc_moe_decode.py -k "bad_input" 2>&1 | tee -a "$OUT/tests.log" | tail -4
   RC[test_errors]=$?
-  # one token through the two-launch kernels too (the fused one is the default where it applies): TMA on
-  # every shape it takes (=2), and the register ring (=0)
+  # one token through the two-launch kernels too (the run above has the fused kernel on): TMA on every
+  # shape it takes (=2), and the register ring (=0)
   for tma in 2 0; do
     MOEQUANT_DECODE_FUSED=0 MOEQUANT_DECODE_TMA=$tma timeout ${STEP_TIMEOUT:-300} $PY -m pytest -q tests/test_csrc_moe_decode.py \
       -k "cuda and (M1 or one_token)" 2>&1 | tee -a "$OUT/tests.log" | tail -2

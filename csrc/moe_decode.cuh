@@ -17,16 +17,16 @@ namespace cuda {
 // [rows, I], the fp32 workspaces [split][rows][2I] and [split][rows][H]). The gemv paths fill the warps
 // that fit on the GPU at once: register kernel, 2 blocks of 8 warps per SM and at least 4 chunks (128 K)
 // per warp; TMA kernel, TmaConfig's blocks of 4 warps per SM and at least one stage per warp.
-//   one token: the fused kernel where decode_fused_ok takes the shape (its grid in split2: out2 holds the
-//     blocks' partial outputs [grid][H]); else the TMA kernel where its gate_up warps get 4 stages or more (its pipeline pays off on long
-//     K slices; on short ones, DeepSeek-V2-Lite and Qwen3-30B-A3B at 1-2 stages per warp, the register
-//     kernel measured faster: BENCHMARKS.md "Decode fused MoE, v5"), else the register kernel;
+//   one token: the fused kernel where it is on and decode_fused_ok takes the shape (its grid in split2;
+//     out2 holds the blocks' partial outputs [grid][H]); else the TMA kernel where its gate_up warps get 4
+//     stages or more (its pipeline pays off on long K slices; on short ones, DeepSeek-V2-Lite and
+//     Qwen3-30B-A3B at 1-2 stages per warp, the register kernel measured faster: BENCHMARKS.md "Decode
+//     fused MoE, v5"), else the register kernel;
 //   2-8 tokens: the TMA kernel (one slot per distinct expert, its tokens in the mma's B columns), else
 //     the tiled kernels.
-// MOEQUANT_DECODE_FUSED=1 / =0 turns the fused kernel on / off (decode_fused_available; the default is
-// kFusedByDefault); MOEQUANT_DECODE_TMA=0 / =2
-// turn the TMA kernel off / on for every shape it takes (decode_tma_available);
-// MOEQUANT_DECODE_SPLITS="a,b" sets the gemv splits. Both for measuring.
+// MOEQUANT_DECODE_FUSED=1 / =0 turns the fused kernel on / off (decode_fused_available; unset:
+// kFusedByDefault); MOEQUANT_DECODE_TMA=0 / =2 turn the TMA kernel off / on for every shape it takes
+// (decode_tma_available); MOEQUANT_DECODE_SPLITS="a,b" sets the gemv splits. All for measuring.
 struct DecodePlan {
   int split13 = 1, split2 = 1;
   int path = kDecodeTiles;

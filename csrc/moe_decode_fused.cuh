@@ -57,9 +57,8 @@ constexpr int kFusedMaxGrid = 256;       // the reduce kernel's lanes read at mo
 // dtype, the partial y [H] fp32, the cross-warp sums [8][64], act [32] and the mbarriers.
 __host__ __device__ constexpr int fused_fixed_bytes(int H) { return 1024 + 6 * H + 8 * 64 * 4 + 128; }
 __host__ __device__ constexpr int fused_slots(int H) {
-  return (kFusedSmemLimit - fused_fixed_bytes(H)) / (kFusedSlotBytes + 16) < kFusedMaxSlots
-             ? (kFusedSmemLimit - fused_fixed_bytes(H)) / (kFusedSlotBytes + 16)
-             : kFusedMaxSlots;
+  const int fit = (kFusedSmemLimit - fused_fixed_bytes(H)) / (kFusedSlotBytes + 16);  // + 16: its two mbarriers
+  return fit < kFusedMaxSlots ? fit : kFusedMaxSlots;
 }
 __host__ __device__ constexpr int fused_smem_bytes(int H) {
   return fused_fixed_bytes(H) + fused_slots(H) * (kFusedSlotBytes + 16);
@@ -123,6 +122,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
   const uint32_t bars = act + 128;  // full[NS], then empty[NS]
   auto weights = [&](int slot) { return weights0 + slot * kFusedWeightBytes; };
   auto small = [&](int slot) { return small0 + slot * kFusedSmallBytes; };
+  auto small_ptr = [&](int slot) { return smem + (small(slot) - weights0); };  // the same, as a pointer
   auto full = [&](int slot) { return bars + 8 * slot; };
   auto empty = [&](int slot) { return bars + 8 * (NS + slot); };
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -200,6 +200,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
     for (int st = 0; st < S13; ++st, ++k) {
       const int slot = k % NS;
       mbar_wait(full(slot), (k / NS) & 1);
+      const uint8_t* sp = small_ptr(slot);
 #pragma unroll
       for (int jj = 0; jj < 2; ++jj) {
         const int y = 4 * (2 * warp + jj) + c;  // the lane's packed row in the stage
@@ -224,7 +225,6 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
           uint32_t zb[2];
 #pragma unroll
           for (int m = 0; m < 2; ++m) {
-            const uint8_t* sp = smem + (small(slot) - weights0);
             sc[m] = *reinterpret_cast<const uint2*>(sp + m * 1024 + gr * 64 + 8 * u);
             zb[m] = Z13 ? *reinterpret_cast<const uint32_t*>(sp + 2048 + m * 512 + gr * 32 + 4 * u) : 0x08080808u;
           }
@@ -264,7 +264,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1)
       const int slot = k % NS;
       mbar_wait(full(slot), (k / NS) & 1);
       const uint32_t box = weights(slot) + warp * kFusedBox2;
-      const uint8_t* sp = smem + (small(slot) - weights0);
+      const uint8_t* sp = small_ptr(slot);
 #pragma unroll
       for (int tt = 0; tt < 4; ++tt) {
         uint32_t af[2][2][4];

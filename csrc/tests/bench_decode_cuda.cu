@@ -4,22 +4,11 @@
 // of the routed experts (packed weights + scales) over the time, and the largest difference to the first
 // path's output (the paths sum in different orders; bf16 output).
 //   build/cmake/bench_decode_cuda            (CMakeLists.txt builds it next to the tests)
-#include <algorithm>
 #include <cmath>
-#include <cstdio>
-#include <random>
-#include <vector>
 
 #include "../moe_decode.cuh"
+#include "cuda_test_common.h"
 
-#define CHECK_CUDA(call)                                                                       \
-  do {                                                                                         \
-    const cudaError_t e_ = (call);                                                             \
-    if (e_ != cudaSuccess) {                                                                   \
-      std::printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__);   \
-      std::exit(1);                                                                            \
-    }                                                                                          \
-  } while (0)
 
 namespace {
 using bf16 = __nv_bfloat16;
@@ -45,17 +34,9 @@ void bench_shape(const char* name, int E, int k, int H, int I, int num_sms, std:
   a.w2 = device_random<int32_t>(static_cast<size_t>(E) * I / 8 * H, rng, any_word);
   a.s2 = device_random<bf16>(static_cast<size_t>(E) * I / kGroup * H, rng, small_scale);
   bf16* xs = device_random<bf16>(static_cast<size_t>(kCalls) * H, rng, activation);
-  std::vector<int32_t> ids(static_cast<size_t>(kCalls) * k);
-  std::vector<float> wts(ids.size());
-  for (int c = 0; c < kCalls; ++c) {
-    std::vector<int> perm(E);
-    for (int e = 0; e < E; ++e) perm[e] = e;
-    std::shuffle(perm.begin(), perm.end(), rng);
-    for (int j = 0; j < k; ++j) {
-      ids[c * k + j] = perm[j];
-      wts[c * k + j] = 1.f / k;
-    }
-  }
+  std::vector<int32_t> ids;
+  std::vector<float> wts;
+  random_routing(kCalls, E, k, rng, ids, wts, [k](std::mt19937&) { return 1.f / k; });  // call c: token c
   int32_t* d_ids = nullptr;
   float* d_wts = nullptr;
   CHECK_CUDA(cudaMalloc(&d_ids, ids.size() * 4));
@@ -68,14 +49,14 @@ void bench_shape(const char* name, int E, int k, int H, int I, int num_sms, std:
   a.rows_per_group13 = rpg; a.rows_per_group2 = rpg;
   const double mb = k * ((3.0 * H * I) / 2 + (3.0 * H * I / kGroup) * 2) / 1e6;  // int4 codes + bf16 scales
 
-  struct Path { const char* name; bool tma, fused; };
-  const Path paths[] = {{"fused", true, true}, {"tma", true, false}, {"register", false, false}};
+  struct Path { const char* name; bool tma, fused; int path; };
+  const Path paths[] = {{"fused", true, true, moequant::cuda::kDecodeFused},
+                        {"tma", true, false, moequant::cuda::kDecodeGemvTma},
+                        {"register", false, false, moequant::cuda::kDecodeGemv}};
   std::vector<bf16> first;
   for (const Path& p : paths) {
     const moequant::cuda::DecodePlan pl = moequant::cuda::decode_plan(1, k, E, H, I, rpg, rpg, num_sms, p.tma, p.fused);
-    if ((p.fused && pl.path != moequant::cuda::kDecodeFused) ||
-        (!p.fused && p.tma && pl.path != moequant::cuda::kDecodeGemvTma) || (!p.tma && pl.path != moequant::cuda::kDecodeGemv))
-      continue;  // this path does not take the shape (e.g. TMA on short K picks the register kernel)
+    if (pl.path != p.path) continue;  // the plan does not take it here (e.g. TMA on short K: the register kernel)
     a.split13 = pl.split13; a.split2 = pl.split2; a.path = pl.path;
     CHECK_CUDA(cudaMalloc(&a.h, static_cast<size_t>(pl.rows) * I * 2));
     CHECK_CUDA(cudaMalloc(&a.out13, static_cast<size_t>(pl.split13) * pl.rows * 2 * I * 4));

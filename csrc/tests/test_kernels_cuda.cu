@@ -11,15 +11,8 @@
 #include "../dequant_core.h"
 #include "../dequant_kernels.cuh"
 #include "../moe_decode.cuh"
+#include "cuda_test_common.h"
 
-#define CHECK_CUDA(call)                                                                             \
-  do {                                                                                               \
-    const cudaError_t e_ = (call);                                                                   \
-    if (e_ != cudaSuccess) {                                                                         \
-      std::printf("CUDA error %s at %s:%d: %s\n", cudaGetErrorString(e_), __FILE__, __LINE__, #call); \
-      std::exit(2);                                                                                  \
-    }                                                                                                \
-  } while (0)
 
 namespace {
 
@@ -142,17 +135,9 @@ int test_decode(int M, int E, int k, int H, int I, int group, bool sym, std::mt1
   std::vector<uint16_t> x16(static_cast<size_t>(M) * H);
   std::normal_distribution<float> normal;
   for (auto& v : x16) v = to_bf16_bits(normal(rng));
-  std::vector<int32_t> ids(static_cast<size_t>(M) * k);
-  std::vector<float> wts(ids.size());
-  for (int t = 0; t < M; ++t) {
-    std::vector<int> perm(E);
-    for (int e = 0; e < E; ++e) perm[e] = e;
-    std::shuffle(perm.begin(), perm.end(), rng);
-    for (int j = 0; j < k; ++j) {
-      ids[t * k + j] = perm[j];
-      wts[t * k + j] = 0.1f + static_cast<float>(rng() % 1000) / 1000.f;
-    }
-  }
+  std::vector<int32_t> ids;
+  std::vector<float> wts;
+  random_routing(M, E, k, rng, ids, wts, [](std::mt19937& g) { return 0.1f + static_cast<float>(g() % 1000) / 1000.f; });
   if (bad_id) ids[k - 1] = E;
   // float64 reference
   std::vector<double> want(static_cast<size_t>(M) * H, 0.0);
