@@ -1,6 +1,7 @@
 // One-token decode kernels timed without Python or torch: every path decode_plan can take at M = 1 on
-// the real MoE shapes (int4 g128 symmetric, bf16), each as a CUDA graph of 16 calls on 16 different
-// routings and inputs (so the weights come from HBM), median of 30 replays. Prints µs per call, the bytes
+// the real MoE shapes (int4 g128 symmetric, bf16), and the fused kernel on grids of 96 and 64 blocks too,
+// each as a CUDA graph of 16 calls on 16 different routings and inputs (so the weights come from HBM),
+// median of 30 replays. Prints µs per call, the bytes
 // of the routed experts (packed weights + scales) over the time, and the largest difference to the first
 // path's output (the paths sum in different orders; bf16 output).
 //   build/cmake/bench_decode_cuda            (CMakeLists.txt builds it next to the tests)
@@ -49,14 +50,21 @@ void bench_shape(const char* name, int E, int k, int H, int I, int num_sms, std:
   a.rows_per_group13 = rpg; a.rows_per_group2 = rpg;
   const double mb = k * ((3.0 * H * I) / 2 + (3.0 * H * I / kGroup) * 2) / 1e6;  // int4 codes + bf16 scales
 
-  struct Path { const char* name; bool tma, fused; int path; };
-  const Path paths[] = {{"fused", true, true, moequant::cuda::kDecodeFused},
-                        {"tma", true, false, moequant::cuda::kDecodeGemvTma},
-                        {"register", false, false, moequant::cuda::kDecodeGemv}};
+  // grid: the fused kernel's grid when not 0 (else the plan's: one block per SM, at most one per item)
+  struct Path { const char* name; bool tma, fused; int path, grid; };
+  const Path paths[] = {{"fused", true, true, moequant::cuda::kDecodeFused, 0},
+                        {"fused", true, true, moequant::cuda::kDecodeFused, 96},
+                        {"fused", true, true, moequant::cuda::kDecodeFused, 64},
+                        {"tma", true, false, moequant::cuda::kDecodeGemvTma, 0},
+                        {"register", false, false, moequant::cuda::kDecodeGemv, 0}};
   std::vector<bf16> first;
   for (const Path& p : paths) {
-    const moequant::cuda::DecodePlan pl = moequant::cuda::decode_plan(1, k, E, H, I, rpg, rpg, num_sms, p.tma, p.fused);
+    moequant::cuda::DecodePlan pl = moequant::cuda::decode_plan(1, k, E, H, I, rpg, rpg, num_sms, p.tma, p.fused);
     if (pl.path != p.path) continue;  // the plan does not take it here (e.g. TMA on short K: the register kernel)
+    if (p.grid) {
+      if (p.grid >= std::min(num_sms, k * I / moequant::cuda::kDecodeTile)) continue;  // the plan's grid already
+      pl.split2 = p.grid;
+    }
     a.split13 = pl.split13; a.split2 = pl.split2; a.path = pl.path;
     CHECK_CUDA(cudaMalloc(&a.h, static_cast<size_t>(pl.rows) * I * 2));
     CHECK_CUDA(cudaMalloc(&a.out13, static_cast<size_t>(pl.split13) * pl.rows * 2 * I * 4));
