@@ -75,11 +75,13 @@ inline bool decode_fused_ok(int M, int H, int I, int rpg13, int rpg2) {
          (kFusedRows13 % rpg13 == 0 || rpg13 % kFusedRows13 == 0) && rpg2 % 4 == 0 && fused_slots(H) >= 2;
 }
 // Blocks of the fused grid: one per SM (the ring takes the SM's shared memory), at most one per item.
-// MOEQUANT_DECODE_FUSED_GRID=n overrides (for measuring).
+// MOEQUANT_DECODE_FUSED_GRID=n overrides (for measuring; read once, as the plan runs on every call).
 inline int fused_grid(int top_k, int I, int num_sms) {
-  int g = std::min(top_k * (I / kDecodeTile), num_sms);
-  const char* env = std::getenv("MOEQUANT_DECODE_FUSED_GRID");
-  if (env && std::atoi(env) > 0) g = std::min(std::atoi(env), top_k * (I / kDecodeTile));
+  static const int forced = [] {
+    const char* env = std::getenv("MOEQUANT_DECODE_FUSED_GRID");
+    return env ? std::atoi(env) : 0;
+  }();
+  const int g = std::min(top_k * (I / kDecodeTile), forced > 0 ? forced : num_sms);
   return std::max(1, std::min(g, kFusedMaxGrid));
 }
 
@@ -373,8 +375,7 @@ inline bool decode_fused_available() {
 // Needs a.split2 = the grid (fused_grid) and a.out2 with room for [grid][H] floats.
 template <typename T, bool Z13, bool Z2>
 cudaError_t launch_decode_fused(const DecodeArgs<T>& a, cudaStream_t stream) {
-  if (a.M != 1 || a.split2 < 1 || a.split2 > kFusedMaxGrid ||
-      !decode_fused_ok(a.M, a.H, a.I, a.rows_per_group13, a.rows_per_group2))
+  if (a.split2 < 1 || a.split2 > kFusedMaxGrid || !decode_fused_ok(a.M, a.H, a.I, a.rows_per_group13, a.rows_per_group2))
     return cudaErrorInvalidValue;
   FusedMaps maps;
   if (!encode_fused_maps(a, maps)) return cudaErrorInvalidValue;

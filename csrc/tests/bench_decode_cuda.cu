@@ -62,7 +62,7 @@ void bench_shape(const char* name, int E, int k, int H, int I, int num_sms, std:
     moequant::cuda::DecodePlan pl = moequant::cuda::decode_plan(1, k, E, H, I, rpg, rpg, num_sms, p.tma, p.fused);
     if (pl.path != p.path) continue;  // the plan does not take it here (e.g. TMA on short K: the register kernel)
     if (p.grid) {
-      if (p.grid >= std::min(num_sms, k * I / moequant::cuda::kDecodeTile)) continue;  // the plan's grid already
+      if (p.grid >= pl.split2) continue;  // not smaller than the plan's grid: timed already
       pl.split2 = p.grid;
     }
     a.split13 = pl.split13; a.split2 = pl.split2; a.path = pl.path;
