@@ -5,7 +5,10 @@
 Cases: gate_up inputs (x [T, K] with topk_ids [T, k]) for DeepSeek-V2-Lite (E=64, k=6, K=2048) and
 Mixtral (E=8, k=2, K=4096), GPTQ (no weights) and AGQ (affinity weights); down_proj inputs (one row per
 (token, expert), topk_ids [N, 1]) for DeepSeek-V2-Lite (K=I=1408). Baseline: the per-expert fp32 loop
-(moequant.reference.expert_hessians_ref) on the same GPU. TFLOP/s counts the full symmetric product,
+(moequant.reference.expert_hessians_ref) on the same GPU. Modes: GPTQ (no weights), AGQ (the affinities handed to the
+kernel, which scales one operand in registers) and AGQ-rows, what the pipeline does for AGQ: rows x·√w formed in one
+torch pass (one row per (token, expert) pair, `moequant.pipeline._scaled_pair_rows` / `_scaled_rows`), then the
+unweighted kernel on them; its time includes that pass. TFLOP/s counts the full symmetric product,
 2 · pairs · K², the work the loop does; the kernel computes the upper triangle only (about half of it).
 Times are medians of CUDA-event timings after warm-up. Writes a CSV and a plot to --out.
 """
@@ -19,6 +22,7 @@ import os
 import torch
 
 from moequant.kernels import expert_hessians
+from moequant.pipeline import _scaled_pair_rows, _scaled_rows
 from moequant.reference import expert_hessians_ref
 from timing import median_ms  # noqa: E402  (benchmarks/timing.py)
 
@@ -81,18 +85,22 @@ def main():
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  date {datetime.date.today()}")
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
-    print(f"{'case':<18} {'T':>6} {'mode':>5} {'pairs':>7} {'ours_ms':>8} {'loop_ms':>8} {'ours_TF/s':>9} "
+    print(f"{'case':<18} {'T':>6} {'mode':>8} {'pairs':>7} {'ours_ms':>8} {'loop_ms':>8} {'ours_TF/s':>9} "
           f"{'loop_TF/s':>9} {'speedup':>8} {'rel_err':>9}")
     for name, E, k, K, down in CASES:
         for T in [int(t) for t in args.tokens.split(",")]:
-            for weighted in (False, True):
-                x, ids, w = inputs(T, E, k, K, down, weighted, gen)
+            for mode in ("GPTQ", "AGQ", "AGQ-rows"):
+                x, ids, w = inputs(T, E, k, K, down, mode != "GPTQ", gen)
                 H = torch.zeros(E, K, K, device="cuda")
                 c = torch.zeros(E, dtype=torch.int64, device="cuda")
 
                 def ours():
                     H.zero_(), c.zero_()
-                    expert_hessians(x, ids, w, E, H=H, counts=c)
+                    if mode == "AGQ-rows":  # the pipeline's AGQ path: √w rows, then the unweighted kernel
+                        rows = _scaled_rows(x, w) if ids.shape[1] == 1 else _scaled_pair_rows(x, w)
+                        expert_hessians(rows, ids.reshape(-1, 1), None, E, H=H, counts=c)
+                    else:
+                        expert_hessians(x, ids, w, E, H=H, counts=c)
 
                 t_ours = time_fn(ours)
                 t_zero = time_fn(lambda: H.zero_())  # the zeroing is not part of the kernel's work
@@ -104,11 +112,11 @@ def main():
                 assert torch.equal(c, cr)
                 pairs = ids.numel()
                 flops = 2 * pairs * K * K
-                row = dict(case=name, T=T, mode="AGQ" if weighted else "GPTQ", E=E, K=K, pairs=pairs,
+                row = dict(case=name, T=T, mode=mode, E=E, K=K, pairs=pairs,
                            ours_ms=t_ours / 1e3, loop_ms=t_loop / 1e3, ours_tflops=flops / t_ours / 1e6,
                            loop_tflops=flops / t_loop / 1e6, speedup=t_loop / t_ours, rel_err=err)
                 rows.append(row)
-                print(f"{name:<18} {T:>6} {row['mode']:>5} {pairs:>7} {row['ours_ms']:>8.2f} {row['loop_ms']:>8.2f} "
+                print(f"{name:<18} {T:>6} {mode:>8} {pairs:>7} {row['ours_ms']:>8.2f} {row['loop_ms']:>8.2f} "
                       f"{row['ours_tflops']:>9.1f} {row['loop_tflops']:>9.1f} {row['speedup']:>8.1f} {err:>9.1e}",
                       flush=True)
                 del H, Hr, x
