@@ -128,9 +128,12 @@ int test_dequant_bf16_fast_path_odd(std::mt19937& rng) {  // partial row and col
 }
 
 // bad_id: token 0's last expert id is E (out of range): that pair contributes nothing.
-int test_decode(int M, int E, int k, int H, int I, int group, bool sym, std::mt19937& rng, bool bad_id = false) {
+// group: gate_up's group size; group_down: down's (0: the same)
+int test_decode(int M, int E, int k, int H, int I, int group, bool sym, std::mt19937& rng, bool bad_id = false,
+                int group_down = 0) {
+  if (group_down == 0) group_down = group;
   const Weight w13 = random_weight(E, 2 * I, H, 4, group, rng);
-  const Weight w2 = random_weight(E, H, I, 4, group, rng);
+  const Weight w2 = random_weight(E, H, I, 4, group_down, rng);
   const std::vector<float> W13 = host_dequant(w13, sym), W2 = host_dequant(w2, sym);
   std::vector<uint16_t> x16(static_cast<size_t>(M) * H);
   std::normal_distribution<float> normal;
@@ -177,7 +180,7 @@ int test_decode(int M, int E, int k, int H, int I, int group, bool sym, std::mt1
   a.topk_weights = to_device(wts);
   a.weights_kind = 0;
   a.M = M; a.top_k = k; a.E = E; a.H = H; a.I = I;
-  a.rows_per_group13 = group / 8; a.rows_per_group2 = group / 8;
+  a.rows_per_group13 = group / 8; a.rows_per_group2 = group_down / 8;
   int num_sms = 0;
   CHECK_CUDA(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, 0));
   // every kernel that takes the problem: the fused one-token kernel, the TMA kernel wherever it takes the
@@ -187,7 +190,7 @@ int test_decode(int M, int E, int k, int H, int I, int group, bool sym, std::mt1
   for (const bool use_fused : {fused, false})
     for (const bool use_tma : {tma, false}) {
       const moequant::cuda::DecodePlan pl =
-          moequant::cuda::decode_plan(M, k, E, H, I, group / 8, group / 8, num_sms, use_tma, use_fused);
+          moequant::cuda::decode_plan(M, k, E, H, I, group / 8, group_down / 8, num_sms, use_tma, use_fused);
       if (std::none_of(plans.begin(), plans.end(), [&](const moequant::cuda::DecodePlan& q) { return q.path == pl.path; }))
         plans.push_back(pl);
     }
@@ -262,9 +265,10 @@ int main() {
   // groups of 256 K: two TMA stages per group, K slices that start inside a group
   fails += test_decode(1, 8, 2, 768, 768, 256, false, rng);
   // one token through the fused kernel: groups of 32 (a fold per chunk, scale rows per stage 16), 512 K
-  // (two gate_up stages per group) and an id out of range (the pair is skipped)
+  // on gate_up with 64 on down (two gate_up stages per group; down's K = I = 256 holds no group of 512) and an
+  // id out of range (the pair is skipped)
   fails += test_decode(1, 16, 4, 1024, 96, 32, false, rng);
-  fails += test_decode(1, 8, 2, 2048, 256, 512, true, rng);
+  fails += test_decode(1, 8, 2, 2048, 256, 512, true, rng, false, 64);
   fails += test_decode(1, 8, 3, 3072, 160, 64, false, rng, /*bad_id=*/true);
   // 2-8 tokens through the TMA kernel (one slot per distinct expert): few experts shared by all tokens,
   // many experts with few tokens each, and the most pairs it takes (64)
