@@ -74,15 +74,21 @@ inline bool decode_fused_ok(int M, int H, int I, int rpg13, int rpg2) {
   return M == 1 && H % kFusedCols2 == 0 && H <= 8192 && I % kDecodeTile == 0 && rpg13 % 4 == 0 &&
          (kFusedRows13 % rpg13 == 0 || rpg13 % kFusedRows13 == 0) && rpg2 % 4 == 0 && fused_slots(H) >= 2;
 }
-// Blocks of the fused grid: one per SM (the ring takes the SM's shared memory), at most one per item.
+// Blocks of the fused grid: at most one per SM (the ring takes the SM's shared memory), and no more than the
+// fewest that still give no block more items than one per SM would: the longest block sets the time, and
+// fewer blocks leave fewer partials to reduce (Qwen3-30B-A3B, 192 items on 132 SMs: 96 blocks of 2 took
+// 16.1 us, 132 blocks of 1-2 took 16.6 us; H100, 2026-12-07, BENCHMARKS.md "Decode fused MoE, v6").
 // MOEQUANT_DECODE_FUSED_GRID=n overrides (for measuring; read once, as the plan runs on every call).
 inline int fused_grid(int top_k, int I, int num_sms) {
   static const int forced = [] {
     const char* env = std::getenv("MOEQUANT_DECODE_FUSED_GRID");
     return env ? std::atoi(env) : 0;
   }();
-  const int g = std::min(top_k * (I / kDecodeTile), forced > 0 ? forced : num_sms);
-  return std::max(1, std::min(g, kFusedMaxGrid));
+  const int items = top_k * (I / kDecodeTile);
+  const int g = std::max(1, std::min(items, forced > 0 ? forced : num_sms));
+  const int per_block = (items + g - 1) / g;
+  const int balanced = forced > 0 ? g : (items + per_block - 1) / per_block;
+  return std::max(1, std::min(balanced, kFusedMaxGrid));
 }
 
 __device__ __forceinline__ void mbar_init_count(uint32_t bar, uint32_t count) {

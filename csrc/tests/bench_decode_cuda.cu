@@ -4,8 +4,10 @@
 // median of 30 replays. Prints µs per call, the bytes
 // of the routed experts (packed weights + scales) over the time, and the largest difference to the first
 // path's output (the paths sum in different orders; bf16 output).
-//   build/cmake/bench_decode_cuda            (CMakeLists.txt builds it next to the tests)
+//   build/cmake/bench_decode_cuda [name]     (CMakeLists.txt builds it next to the tests; name: only the shapes whose
+//                                            name contains it, e.g. DeepSeek, for a profiler)
 #include <cmath>
+#include <string>
 
 #include "../moe_decode.cuh"
 #include "cuda_test_common.h"
@@ -133,7 +135,7 @@ void bench_shape(const char* name, int E, int k, int H, int I, int num_sms, std:
 }
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
   int dev = 0, num_sms = 0;
   if (cudaGetDeviceCount(&dev) != cudaSuccess || dev == 0) {
     std::printf("no CUDA device\n");
@@ -146,8 +148,10 @@ int main() {
               kCalls, kReps);
   std::printf("| shape | path | fused grid | us per call | TB/s (routed experts' bytes) | rel. diff to first path |\n|---|---|---|---|---|---|\n");
   std::mt19937 rng(7);
-  bench_shape("Mixtral-8x7B", 8, 2, 4096, 14336, num_sms, rng);
-  bench_shape("DeepSeek-V2-Lite", 64, 6, 2048, 1408, num_sms, rng);
-  bench_shape("Qwen3-30B-A3B", 128, 8, 2048, 768, num_sms, rng);
+  const std::string only = argc > 1 ? argv[1] : "";
+  struct Shape { const char* name; int E, k, H, I; };
+  for (const Shape& s : {Shape{"Mixtral-8x7B", 8, 2, 4096, 14336}, Shape{"DeepSeek-V2-Lite", 64, 6, 2048, 1408},
+                         Shape{"Qwen3-30B-A3B", 128, 8, 2048, 768}})
+    if (std::string(s.name).find(only) != std::string::npos) bench_shape(s.name, s.E, s.k, s.H, s.I, num_sms, rng);
   return 0;
 }
