@@ -8,7 +8,8 @@ Mixtral (E=8, k=2, K=4096), GPTQ (no weights) and AGQ (affinity weights); down_p
 (moequant.reference.expert_hessians_ref) on the same GPU. Modes: GPTQ (no weights), AGQ (the affinities handed to the
 kernel, which scales one operand in registers) and AGQ-rows, what the pipeline does for AGQ: rows x·√w formed in one
 torch pass (one row per (token, expert) pair, `moequant.pipeline._scaled_pair_rows` / `_scaled_rows`), then the
-unweighted kernel on them; its time includes that pass. TFLOP/s counts the full symmetric product,
+unweighted kernel on them; its time includes that pass; AGQ-sqrt: the same rows' Hessian without forming them
+(the kernel scales both operands by √w, `sqrt_w=True`). TFLOP/s counts the full symmetric product,
 2 · pairs · K², the work the loop does; the kernel computes the upper triangle only (about half of it).
 Times are medians of CUDA-event timings after warm-up. Writes a CSV and a plot to --out.
 """
@@ -89,7 +90,7 @@ def main():
           f"{'loop_TF/s':>9} {'speedup':>8} {'rel_err':>9}")
     for name, E, k, K, down in CASES:
         for T in [int(t) for t in args.tokens.split(",")]:
-            for mode in ("GPTQ", "AGQ", "AGQ-rows"):
+            for mode in ("GPTQ", "AGQ", "AGQ-rows", "AGQ-sqrt"):
                 x, ids, w = inputs(T, E, k, K, down, mode != "GPTQ", gen)
                 H = torch.zeros(E, K, K, device="cuda")
                 c = torch.zeros(E, dtype=torch.int64, device="cuda")
@@ -100,7 +101,7 @@ def main():
                         rows = _scaled_rows(x, w) if ids.shape[1] == 1 else _scaled_pair_rows(x, w)
                         expert_hessians(rows, ids.reshape(-1, 1), None, E, H=H, counts=c)
                     else:
-                        expert_hessians(x, ids, w, E, H=H, counts=c)
+                        expert_hessians(x, ids, w, E, H=H, counts=c, sqrt_w=mode == "AGQ-sqrt")
 
                 t_ours = time_fn(ours)
                 t_zero = time_fn(lambda: H.zero_())  # the zeroing is not part of the kernel's work

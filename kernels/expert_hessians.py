@@ -8,8 +8,10 @@ transpose into the mirrored tile, so only the upper triangle is computed. Progra
 next to each other, so its rows are read from DRAM about once and re-read from L2.
 
 The affinity is applied to one operand (rows x * w against rows x), which is the same sum as rows scaled
-by sqrt(w) on both sides with one rounding to the input dtype instead of two. Diagonal tiles are
-symmetrised, so H is exactly symmetric.
+by sqrt(w) on both sides with one rounding to the input dtype instead of two; or, with `sqrt_w=True`, to both
+as x * sqrt(w), each rounded once: then H is the Gram matrix of the rows actually multiplied, positive
+semi-definite whatever the rounding (what the pipeline wants; see `moequant.pipeline._scaled_rows`).
+Diagonal tiles are symmetrised, so H is exactly symmetric.
 
 Wide tiles (`wide=2`): a program owns a BLOCK_K x 2·BLOCK_K tile, i.e. two neighbouring square tiles that share
 their row slab, so each row of x is loaded 1.5 times per pair of squares instead of twice (less traffic from L2
@@ -32,7 +34,7 @@ def _expert_hessian_kernel(
     x_ptr, w_ptr, sorted_ids_ptr, offsets_ptr, tiles_ptr, h_ptr,
     K, num_pairs, stride_x,
     TOPK: tl.constexpr, HAS_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SCALE_A: tl.constexpr, WIDE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SCALE_A: tl.constexpr, WIDE: tl.constexpr, SQRT_W: tl.constexpr,
 ):
     tile = tl.program_id(0)
     e = tl.program_id(1)
@@ -56,7 +58,11 @@ def _expert_hessian_kernel(
         b = tl.load(x_ptr + row[:, None] + offs_j[None, :], mask=valid[:, None] & mask_j[None, :], other=0.0)
         if HAS_W:
             w = tl.load(w_ptr + pair, mask=valid, other=0.0).to(tl.float32)
-            if SCALE_A:  # the left operand may live in registers (wgmma), the right one stays in shared memory
+            if SQRT_W:  # rows x·√w on both sides, each rounded once to the input dtype: a Gram matrix, so PSD
+                r = tl.sqrt_rn(w)[:, None]
+                a = (a.to(tl.float32) * r).to(x_ptr.dtype.element_ty)
+                b = (b.to(tl.float32) * r).to(x_ptr.dtype.element_ty)
+            elif SCALE_A:  # the left operand may live in registers (wgmma), the right one stays in shared memory
                 a = (a.to(tl.float32) * w[:, None]).to(x_ptr.dtype.element_ty)
             else:
                 b = (b.to(tl.float32) * w[:, None]).to(x_ptr.dtype.element_ty)
@@ -133,7 +139,7 @@ def _check(x, topk_ids, weights, num_experts, H, counts):
 
 
 def expert_hessians(x, topk_ids, weights, num_experts, H=None, counts=None, *, block_k=None, block_t=None,
-                    num_warps=None, num_stages=None, scale_a=True, wide=None):
+                    num_warps=None, num_stages=None, scale_a=True, wide=None, sqrt_w=False):
     """H_e += sum over pairs (t, s) routed to e of w[t, s] * x_t x_tᵀ; counts_e += number of such pairs.
 
     x [T, K] bf16/fp16/fp32, topk_ids [T, k] int, weights [T, k] or None (plain GPTQ Hessians).
@@ -141,6 +147,8 @@ def expert_hessians(x, topk_ids, weights, num_experts, H=None, counts=None, *, b
     H (fp32 [E, K, K]) and counts (int64 [E]) are accumulated in place when given. Returns (H, counts).
     Same semantics as `moequant.reference.expert_hessians_ref`; weights must be >= 0.
     wide: 1 (square tiles) or 2 (tiles of two squares side by side: module docstring); None: `WIDE`.
+    sqrt_w: weight both operands by sqrt(w) (each rounded once to x's dtype) instead of one by w: the same sum in
+    exact arithmetic, and a Gram matrix (PSD) after rounding.
     """
     _check(x, topk_ids, weights, num_experts, H, counts)
     kernel = kernel_for(_expert_hessian_kernel, x.device, "expert_hessians")
@@ -173,6 +181,7 @@ def expert_hessians(x, topk_ids, weights, num_experts, H=None, counts=None, *, b
         x, w if w is not None else x, al.sorted_ids, al.expert_offsets, tiles, H,
         K, al.num_pairs, x.stride(0),
         TOPK=topk, HAS_W=w is not None, BLOCK_T=bt, BLOCK_K=bk, DOT_PRECISION=precision, SCALE_A=scale_a, WIDE=wide,
+        SQRT_W=bool(sqrt_w) and w is not None,
         **({} if interp else {"num_warps": num_warps, "num_stages": num_stages}),
     )
     counts += al.counts

@@ -78,7 +78,7 @@ def test_moe_decode_bad_input_raises():
                                             (1, 8, 2, 4096, 512, 64, False), (1, 8, 2, 256, 128, 16, False),
                                             # one token through the fused kernel (sm_90): groups of 32, and
                                             # of 512 K (two gate_up stages per group)
-                                            (1, 16, 4, 1024, 96, 32, False), (1, 8, 2, 2048, 256, 512, True)],
+                                            (1, 16, 4, 1024, 96, 32, False), (1, 8, 2, 2048, 512, 512, True)],
                          ids=lambda s: "M{}-E{}-k{}-H{}-I{}-g{}-{}".format(*s[:6], "sym" if s[6] else "asym"))
 def test_moe_decode_cuda(shape, dtype):
     M, E, k, H, I, group, sym = shape

@@ -152,3 +152,28 @@ def test_hessians_gpu_fp32_and_down_proj():
     w = torch.rand(N, 1, generator=gen).cuda()
     H, _ = expert_hessians(x, ids, w, E)
     assert _rel(H, _exact(x, ids, w, E)) < 1e-5
+
+
+def _check_sqrt_w_is_scaled_rows(x, ids, w, E, tol):
+    """sqrt_w=True: the rows x·√w of the pipeline (`_scaled_pair_rows`: fp32 product, rounded once), on both sides,
+    without forming them; against the unweighted kernel on those rows (topk_ids [T·k, 1]) and the exact sum."""
+    from moequant.pipeline import _scaled_pair_rows
+    H, c = expert_hessians(x, ids, w, E, sqrt_w=True)
+    Hr, cr = expert_hessians(_scaled_pair_rows(x, w), ids.reshape(-1, 1), None, E)
+    assert torch.equal(c, cr) and torch.equal(H, H.transpose(1, 2))
+    assert _rel(H, Hr.double().cpu()) < tol  # the same products; the sums may be ordered differently
+    assert _rel(H, _exact(x, ids, w, E)) < 4e-3
+
+
+@interpreter
+def test_hessians_sqrt_w_cpu_interpreter():
+    gen = torch.Generator().manual_seed(5)
+    x, ids, w = _inputs(40, 56, 3, 2, torch.float16, "cpu", True, gen)
+    _check_sqrt_w_is_scaled_rows(x, ids, w, 3, 1e-6)
+
+
+@gpu
+def test_hessians_sqrt_w_gpu():
+    gen = torch.Generator().manual_seed(6)
+    x, ids, w = _inputs(3000, 1000, 16, 4, torch.bfloat16, "cuda", True, gen)
+    _check_sqrt_w_is_scaled_rows(x, ids, w, 16, 1e-6)

@@ -269,7 +269,7 @@ int main() {
   // id out of range (the pair is skipped)
   fails += test_decode(1, 16, 4, 1024, 96, 32, false, rng);
   fails += test_decode(1, 8, 2, 2048, 256, 512, true, rng, false, 64);
-  fails += test_decode(1, 8, 3, 3072, 160, 64, false, rng, /*bad_id=*/true);
+  fails += test_decode(1, 8, 3, 3072, 192, 64, false, rng, /*bad_id=*/true);
   // 2-8 tokens through the TMA kernel (one slot per distinct expert): few experts shared by all tokens,
   // many experts with few tokens each, and the most pairs it takes (64)
   fails += test_decode(8, 8, 2, 1024, 512, 128, false, rng);
