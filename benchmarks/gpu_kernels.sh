@@ -6,6 +6,7 @@
 #   MS="1,8,4096" MODELS="mixtral,qwen3"  limit the MoE benchmark;  SWEEP="mixtral:4096,qwen3:16" the sweep points
 #   V1=.devbuild/moe_v1/kernels           an earlier kernels/ folder timed side by side (column v1_us) and profiled
 #   NCU_POINTS="mixtral:16,mixtral:4096"  points profiled by `ncu --set full` (GEMM1 + GEMM2 of ours; of $NCU_V1 first)
+#   HESSIAN_ARGS="--tokens 65536"          arguments of bench_hessian.py
 #   TESTS="tests/test_kernels_fused_moe.py"  the GPU test files (default: both kernel test files); TEST_K="expr": pytest -k
 # Logs go to $OUT as they are written; CSVs, plots and ncu exports to a work folder packed into
 # $OUT/kernels_run.tgz after every step (a run cut short still returns what it finished); the ncu report
@@ -33,7 +34,7 @@ for step in ${STEPS:-tests hessian moe}; do
     tests) # from $SITE: python -m puts the working directory first on sys.path, and the root's moequant/ is not the shim
            (cd "$SITE" && $PY -m pytest -q -p no:cacheprovider --durations=5 ${TEST_K:+-k "$TEST_K"} $(for t in $TESTS; do echo "$ROOT/$t"; done)) \
              2>&1 | tee "$OUT/gpu_tests.log" | tail -15 || rc=1 ;;
-    hessian) $PY benchmarks/bench_hessian.py --out "$W" 2>&1 | tee "$OUT/bench_hessian.log" || rc=1 ;;
+    hessian) $PY benchmarks/bench_hessian.py ${HESSIAN_ARGS:-} --out "$W" 2>&1 | tee "$OUT/bench_hessian.log" || rc=1 ;;
     moe) $PY benchmarks/bench_moe_gemm.py ${MS:+--ms $MS} ${MODELS:+--models $MODELS} $V1ARG --out "$W" 2>&1 \
            | tee "$OUT/bench_moe_gemm.log" || rc=1 ;;
     sweep) $PY benchmarks/bench_moe_gemm.py --sweep "${SWEEP:-mixtral:4096,mixtral:16}" --out "$W" 2>&1 \
