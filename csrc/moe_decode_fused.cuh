@@ -75,10 +75,12 @@ inline bool decode_fused_ok(int M, int H, int I, int rpg13, int rpg2) {
   return M == 1 && H % kFusedCols2 == 0 && H <= 8192 && I % kDecodeTile == 0 && rpg13 % 4 == 0 &&
          (kFusedRows13 % rpg13 == 0 || rpg13 % kFusedRows13 == 0) && rpg2 % 4 == 0 && fused_slots(H) >= 2;
 }
-// Blocks of the fused grid: at most one per SM (the ring takes the SM's shared memory), and no more than the
-// fewest that still give no block more items than one per SM would: the longest block sets the time, and
-// fewer blocks leave fewer partials to reduce (Qwen3-30B-A3B, 192 items on 132 SMs: 96 blocks of 2 took
-// 16.1 us, 132 blocks of 1-2 took 16.6 us; H100, 2026-12-07, BENCHMARKS.md "Decode fused MoE, v6").
+// Blocks of the fused grid: one per SM (the ring takes the SM's shared memory), at most one per item; but
+// when the last round of items is at most half full, the fewest blocks that give no block more items:
+// there a small tail would run on few SMs at the per-SM rate, while elsewhere every extra block is more
+// bytes in flight in every round. Measured on the H100 (2026-12-07, BENCHMARKS.md "Decode fused MoE, v6"):
+// Qwen3-30B-A3B, 192 items = 132 + 60: 96 blocks 16.1 us, 132 blocks 16.6; Mixtral, 896 = 6 x 132 + 104:
+// 132 blocks 76.7 us, 128 blocks 78.0 (same run); DeepSeek-V2-Lite, 264 = 2 x 132: 132 blocks.
 // MOEQUANT_DECODE_FUSED_GRID=n overrides (for measuring; read once, as the plan runs on every call).
 inline int fused_grid(int top_k, int I, int num_sms) {
   static const int forced = [] {
@@ -86,10 +88,13 @@ inline int fused_grid(int top_k, int I, int num_sms) {
     return env ? std::atoi(env) : 0;
   }();
   const int items = top_k * (I / kDecodeTile);
-  const int g = std::max(1, std::min(items, forced > 0 ? forced : num_sms));
-  const int per_block = (items + g - 1) / g;
-  const int balanced = forced > 0 ? g : (items + per_block - 1) / per_block;
-  return std::max(1, std::min(balanced, kFusedMaxGrid));
+  int g = std::max(1, std::min(items, forced > 0 ? forced : num_sms));
+  const int tail = items % g;
+  if (forced <= 0 && tail != 0 && 2 * tail <= g) {
+    const int per_block = (items + g - 1) / g;
+    g = (items + per_block - 1) / per_block;
+  }
+  return std::max(1, std::min(g, kFusedMaxGrid));
 }
 
 __device__ __forceinline__ void mbar_init_count(uint32_t bar, uint32_t count) {

@@ -3,8 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_tiny
+from conftest import interpreter_only, make_tiny
 from moequant.config import QuantConfig
+from moequant.kernels.expert_hessians import _expert_hessian_kernel
 from moequant.models import get_adapter
 from moequant.pipeline import LayerCollector, capture_layer_inputs
 from moequant.reference import expert_hessians_ref
@@ -124,3 +125,27 @@ def test_qwen2_shared_expert_is_affinity_weighted():
     c = torch.sigmoid(blk.shared_gate(x)).squeeze(-1)
     H = (x * c[:, None]).T @ x
     torch.testing.assert_close(col.dense_H["mlp.shared_expert.gate_proj"], H, rtol=1e-4, atol=1e-4)
+
+
+@interpreter_only(_expert_hessian_kernel)
+def test_hessian_backends_agree_on_agq():
+    """The Triton path of the capture hooks (gate_up from √w rows, down scaled inside the kernel, `sqrt_w`) against
+    the torch path, on one AGQ layer: the same rows' Gram matrices. CPU: through Triton's interpreter, in fp16."""
+    torch.manual_seed(2)
+    model = make_tiny("mixtral", experts=4).half()
+    adapter = get_adapter(model)
+    ids = torch.randint(3, 256, (2, 12))
+    inputs = capture_layer_inputs(adapter, [ids], "cpu")
+    got = {}
+    for backend in ("torch", "triton"):
+        col = LayerCollector(adapter.layers[0], adapter, QuantConfig(method="agq", group_size=32,
+                                                                     hessian_backend=backend), "cpu")
+        with torch.no_grad():
+            adapter.layers[0](inputs[0][0], **inputs[0][1])
+        col.remove()
+        got[backend] = col
+    t, k = got["torch"], got["triton"]
+    assert torch.equal(t.n_gate_up, k.n_gate_up) and torch.equal(t.n_down, k.n_down)
+    for a, b in ((t.H_gate_up, k.H_gate_up), (t.H_down, k.H_down)):
+        assert a.abs().sum() > 0 and torch.equal(b, b.transpose(1, 2))
+        assert ((a - b).norm() / a.norm()).item() < 1e-5  # the same fp16 rows; fp32 sums in another order

@@ -18,11 +18,20 @@ def dense_hessian_(H: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None
     H.addmm_(x.T, x)
 
 
-def expert_hessians(x, topk_ids, weights, num_experts, H=None, counts=None, backend: str = "auto"):
-    """Per-expert Hessians of the routed tokens; see `moequant.reference.expert_hessians_ref` for the math."""
-    use_triton = backend == "triton" or (backend == "auto" and x.is_cuda)
-    if use_triton:
+def uses_kernel(x: torch.Tensor, backend: str = "auto") -> bool:
+    """Whether `expert_hessians` runs the Triton kernel for x (else the torch reference)."""
+    return backend == "triton" or (backend == "auto" and x.is_cuda)
+
+
+def expert_hessians(x, topk_ids, weights, num_experts, H=None, counts=None, backend: str = "auto",
+                    sqrt_w: bool = False):
+    """Per-expert Hessians of the routed tokens; see `moequant.reference.expert_hessians_ref` for the math.
+    sqrt_w (kernel only): both operands scaled by √w and rounded once, the Gram matrix of those rows (PSD)."""
+    if uses_kernel(x, backend):
         from ..kernels import expert_hessians as kernel  # Triton; needs a GPU (or TRITON_INTERPRET=1)
 
-        return kernel(x, topk_ids, weights, num_experts, H=H, counts=counts)
+        return kernel(x, topk_ids, weights, num_experts, H=H, counts=counts, sqrt_w=sqrt_w)
+    if sqrt_w:
+        raise ValueError("expert_hessians: sqrt_w is the Triton kernel's; on the reference path pass rows x·√w "
+                         "(moequant.pipeline._scaled_rows) and no weights")
     return expert_hessians_ref(x, topk_ids, weights, num_experts, H=H, counts=counts)
