@@ -7,7 +7,7 @@ Mixtral (E=8, k=2, K=4096), GPTQ (no weights) and AGQ (affinity weights); down_p
 (token, expert), topk_ids [N, 1]) for DeepSeek-V2-Lite (K=I=1408). Baseline: the per-expert fp32 loop
 (moequant.reference.expert_hessians_ref) on the same GPU. Modes: GPTQ (no weights), AGQ (the affinities handed to the
 kernel, which scales one operand in registers) and AGQ-rows, what the pipeline does for AGQ: rows x·√w formed in one
-torch pass (one row per (token, expert) pair, `moequant.pipeline._scaled_pair_rows` / `_scaled_rows`), then the
+torch pass (one row per (token, expert) pair, `moequant.quant.hessian.scaled_pair_rows` / `scaled_rows`), then the
 unweighted kernel on them; its time includes that pass; AGQ-sqrt: the same rows' Hessian without forming them
 (the kernel scales both operands by √w, `sqrt_w=True`). TFLOP/s counts the full symmetric product,
 2 · pairs · K², the work the loop does; the kernel computes the upper triangle only (about half of it).
@@ -23,7 +23,7 @@ import os
 import torch
 
 from moequant.kernels import expert_hessians
-from moequant.pipeline import _scaled_pair_rows, _scaled_rows
+from moequant.quant.hessian import scaled_pair_rows, scaled_rows
 from moequant.reference import expert_hessians_ref
 from timing import median_ms  # noqa: E402  (benchmarks/timing.py)
 
@@ -98,7 +98,7 @@ def main():
                 def ours():
                     H.zero_(), c.zero_()
                     if mode == "AGQ-rows":  # the pipeline's AGQ path: √w rows, then the unweighted kernel
-                        rows = _scaled_rows(x, w) if ids.shape[1] == 1 else _scaled_pair_rows(x, w)
+                        rows = scaled_rows(x, w) if ids.shape[1] == 1 else scaled_pair_rows(x, w)
                         expert_hessians(rows, ids.reshape(-1, 1), None, E, H=H, counts=c)
                     else:
                         expert_hessians(x, ids, w, E, H=H, counts=c, sqrt_w=mode == "AGQ-sqrt")

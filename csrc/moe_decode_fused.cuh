@@ -94,7 +94,7 @@ inline int fused_grid(int top_k, int I, int num_sms) {
     const int per_block = (items + g - 1) / g;
     g = (items + per_block - 1) / per_block;
   }
-  return std::max(1, std::min(g, kFusedMaxGrid));
+  return std::min(g, kFusedMaxGrid);
 }
 
 __device__ __forceinline__ void mbar_init_count(uint32_t bar, uint32_t count) {

@@ -10,7 +10,7 @@ next to each other, so its rows are read from DRAM about once and re-read from L
 The affinity is applied to one operand (rows x * w against rows x), which is the same sum as rows scaled
 by sqrt(w) on both sides with one rounding to the input dtype instead of two; or, with `sqrt_w=True`, to both
 as x * sqrt(w), each rounded once: then H is the Gram matrix of the rows actually multiplied, positive
-semi-definite whatever the rounding (the pipeline's down_proj Hessians under AGQ; `moequant.pipeline._scaled_rows`).
+semi-definite whatever the rounding (the pipeline's down_proj Hessians under AGQ; `moequant.quant.hessian.scaled_rows`).
 Diagonal tiles are symmetrised, so H is exactly symmetric.
 
 Wide tiles (`wide=2`): a program owns a BLOCK_K x 2·BLOCK_K tile, i.e. two neighbouring square tiles that share

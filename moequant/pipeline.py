@@ -52,6 +52,7 @@ from .models.adapter import ModelAdapter, MoEBlock, get_adapter
 from .packing import PackedWeight, dequantize, packed_rows
 from .quant.gptq import _matmul_precision, gptq_quantize, gptq_workspace_bytes
 from .quant.hessian import dense_hessian_, expert_hessians, uses_kernel
+from .quant.hessian import scaled_pair_rows as _scaled_pair_rows, scaled_rows as _scaled_rows
 from .quant.quantizer import rtn, to_packed
 from .streaming import put_tensor
 
@@ -559,26 +560,6 @@ def _dense_hessian(H: torch.Tensor, x: torch.Tensor, c: torch.Tensor | None, bac
         dense_hessian_(H, x, c)
 
 
-def _scaled_rows(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
-    """Rows x_i·√c_i (MOEQUANT.md), so that Σ c_i x_i x_iᵀ is a Gram matrix of the rows actually summed: positive
-    semi-definite whatever the rounding. Weighting one operand only (Σ round(c_i x_i) x_iᵀ) is not, and a Hessian
-    dominated by a few large directions (outlier features) then turns indefinite at λ = 1% (measured on the H100:
-    44 of 12288 Qwen3-30B-A3B-shaped expert Hessians had to have their damping raised).
-    One pass: the product is formed in fp32 and rounded once into x's dtype (= (x.float() * √c).to(x.dtype))."""
-    if w is None:
-        return x
-    return torch.mul(x, w.float().sqrt(), out=torch.empty_like(x))
-
-
-def _scaled_pair_rows(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [T, K], w [T, k] -> rows x_t·√w_ts [T·k, K] in (token, slot) order: `_scaled_rows` of x repeated once per
-    slot, without materialising the repeat (the same fp32 products, rounded once)."""
-    T, k = w.shape
-    out = torch.empty(T, k, x.shape[-1], dtype=x.dtype, device=x.device)
-    torch.mul(x.unsqueeze(1), w.float().sqrt().unsqueeze(-1), out=out)
-    return out.view(T * k, x.shape[-1])
-
-
 def _count_into(counts: torch.Tensor, ids: torch.Tensor) -> None:
     """counts[e] += number of ids equal to e, without a host sync (torch.bincount on CUDA reads its maximum back)."""
     s = ids.reshape(-1).sort().values
@@ -772,13 +753,10 @@ class LayerCollector:
             expert_hessians(rows, local(rows_ids), None, n, self.H_gate_up, self.n_gate_up, backend=backend)
             del rows
             rows, rid, rw = expert_intermediates(mod, x, ids, w)
-            if rw is not None and uses_kernel(rows, backend):
-                # the same rows x·√w, scaled inside the kernel instead of formed first: on down's one row per
-                # pair this measured faster (H100, 64k tokens x 6: 4.09 vs 4.50 ms); on gate_up, where every
-                # token's row is read k times, forming the rows stays faster (7.69 vs 8.39 ms; BENCHMARKS.md)
-                expert_hessians(rows, local(rid), rw, n, self.H_down, self.n_down, backend=backend, sqrt_w=True)
-            else:
-                expert_hessians(_scaled_rows(rows, rw), local(rid), None, n, self.H_down, self.n_down, backend=backend)
+            # the rows x·√w scaled inside the kernel (sqrt_w) instead of formed first: on down's one row per pair
+            # this measured faster (H100, 64k tokens x 6: 4.09 vs 4.50 ms); on gate_up above, where every token's
+            # row is read k times, forming the rows stays faster (7.69 vs 8.39 ms; BENCHMARKS.md)
+            expert_hessians(rows, local(rid), rw, n, self.H_down, self.n_down, backend=backend, sqrt_w=True)
 
     def remove(self):
         for h in self.handles:

@@ -155,11 +155,11 @@ def test_hessians_gpu_fp32_and_down_proj():
 
 
 def _check_sqrt_w_is_scaled_rows(x, ids, w, E, tol):
-    """sqrt_w=True: the rows x·√w of the pipeline (`_scaled_pair_rows`: fp32 product, rounded once), on both sides,
+    """sqrt_w=True: the rows x·√w of the pipeline (`scaled_pair_rows`: fp32 product, rounded once), on both sides,
     without forming them; against the unweighted kernel on those rows (topk_ids [T·k, 1]) and the exact sum."""
-    from moequant.pipeline import _scaled_pair_rows
+    from moequant.quant.hessian import scaled_pair_rows
     H, c = expert_hessians(x, ids, w, E, sqrt_w=True)
-    Hr, cr = expert_hessians(_scaled_pair_rows(x, w), ids.reshape(-1, 1), None, E)
+    Hr, cr = expert_hessians(scaled_pair_rows(x, w), ids.reshape(-1, 1), None, E)
     assert torch.equal(c, cr) and torch.equal(H, H.transpose(1, 2))
     assert _rel(H, Hr.double().cpu()) < tol  # the same products; the sums may be ordered differently
     assert _rel(H, _exact(x, ids, w, E)) < 4e-3

@@ -52,7 +52,7 @@ void bench_shape(const char* name, int E, int k, int H, int I, int num_sms, std:
   a.rows_per_group13 = rpg; a.rows_per_group2 = rpg;
   const double mb = k * ((3.0 * H * I) / 2 + (3.0 * H * I / kGroup) * 2) / 1e6;  // int4 codes + bf16 scales
 
-  // grid: the fused kernel's grid when not 0 (else the plan's: one block per SM, at most one per item)
+  // grid: the fused kernel's grid when not 0 (else the plan's, fused_grid)
   struct Path { const char* name; bool tma, fused; int path, grid; };
   const Path paths[] = {{"fused", true, true, moequant::cuda::kDecodeFused, 0},
                         {"fused", true, true, moequant::cuda::kDecodeFused, 96},
