@@ -2,11 +2,12 @@
 # The one device script for the Triton kernels: GPU tests, benchmarks, tile sweeps and ncu profiles, in one call.
 #   bash benchmarks/gpu_kernels.sh        (on a CUDA machine, from the repository root; logs under $OUT or ./bench_out)
 # Env:
-#   STEPS="tests moe sweep ncu hessian"   the parts, in order (default: tests hessian moe)
+#   STEPS="tests moe sweep ncu hessian ncu_hessian hsweep"   the parts, in order (default: tests hessian moe)
 #   MS="1,8,4096" MODELS="mixtral,qwen3"  limit the MoE benchmark;  SWEEP="mixtral:4096,qwen3:16" the sweep points
 #   V1=.devbuild/moe_v1/kernels           an earlier kernels/ folder timed side by side (column v1_us) and profiled
 #   NCU_POINTS="mixtral:16,mixtral:4096"  points profiled by `ncu --set full` (GEMM1 + GEMM2 of ours; of $NCU_V1 first)
 #   HESSIAN_ARGS="--tokens 65536"          arguments of bench_hessian.py
+#   HESSIAN_MODES="GPTQ,AGQ,AGQ-rows"      the modes step ncu_hessian profiles (`ncu --set full`, DSV2 gate_up, 64k)
 #   TESTS="tests/test_kernels_fused_moe.py"  the GPU test files (default: both kernel test files); TEST_K="expr": pytest -k
 # Logs go to $OUT as they are written; CSVs, plots and ncu exports to a work folder packed into
 # $OUT/kernels_run.tgz after every step (a run cut short still returns what it finished); the ncu report
@@ -46,6 +47,15 @@ for step in ${STEPS:-tests hessian moe}; do
          ncu --import "$W/ncu_moe.ncu-rep" --page details --csv > "$W/ncu_details.csv" 2>>"$OUT/ncu_run.log"
          $PY benchmarks/bench_moe_gemm.py --ncu-summary "$W/ncu_raw.csv" --out "$W" 2>&1 | tee "$OUT/ncu_summary.log" \
            || rc=1 ;;
+    hsweep) $PY benchmarks/bench_hessian.py --sweep --out "$W" 2>&1 | tee "$OUT/hessian_sweep.log" || rc=1 ;;
+    ncu_hessian) ncu --set full --clock-control none -k regex:'_expert_hessian|_sorted_rows' -f -o "$W/ncu_hessian" \
+           $PY benchmarks/bench_hessian.py --profile --modes "${HESSIAN_MODES:-GPTQ,AGQ,AGQ-rows}" --out "$W" \
+           > "$OUT/ncu_hessian_run.log" 2>&1 || { rc=1; tail -20 "$OUT/ncu_hessian_run.log"; }
+         ncu --import "$W/ncu_hessian.ncu-rep" --page raw --csv > "$W/ncu_hessian_raw.csv" 2>>"$OUT/ncu_hessian_run.log"
+         ncu --import "$W/ncu_hessian.ncu-rep" --page details --csv > "$W/ncu_hessian_details.csv" \
+           2>>"$OUT/ncu_hessian_run.log"
+         $PY benchmarks/bench_moe_gemm.py --ncu-summary "$W/ncu_hessian_raw.csv" --out "$W" 2>&1 \
+           | tee "$OUT/ncu_hessian_summary.log" || rc=1 ;;
     *) echo "unknown step $step"; rc=1 ;;
   esac
   tar czf "$OUT/kernels_run.tgz" -C "$W" --exclude='*.ncu-rep' .

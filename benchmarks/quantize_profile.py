@@ -29,8 +29,6 @@ RANGES = {
     "expert_hessians": "expert_hessians",
     "expert_intermediates": "down_inputs",
     "_dense_hessian": "dense_hessian",
-    "_scaled_rows": "scaled_rows",
-    "_scaled_pair_rows": "scaled_rows",
     "gptq_quantize": "gptq",
     "to_packed": "to_packed",
     "dequantize": "dequantize",

@@ -13,6 +13,11 @@ as x * sqrt(w), each rounded once: then H is the Gram matrix of the rows actuall
 semi-definite whatever the rounding (the pipeline's down_proj Hessians under AGQ; `moequant.quant.hessian.scaled_rows`).
 Diagonal tiles are symmetrised, so H is exactly symmetric.
 
+Scaling inside the kernel puts arithmetic between the async copy and the tensor-core dot, so the scaled operand
+makes a round trip through registers (measured: 6.7-8.4 ms against 4.3 ms unweighted, E=64, K=2048, 64k tokens on
+the H100). The default for sqrt_w therefore forms the rows first (`sorted_rows`): one pass writes x·√w for every
+pair in the alignment's sorted order, and the unweighted kernel reads them as contiguous blocks (`SORTED`).
+
 Wide tiles (`wide=2`): a program owns a BLOCK_K x 2·BLOCK_K tile, i.e. two neighbouring square tiles that share
 their row slab, so each row of x is loaded 1.5 times per pair of squares instead of twice (less traffic from L2
 per multiply-add, which limits the square kernel at large K). The accumulator is split back into its two squares
@@ -35,6 +40,7 @@ def _expert_hessian_kernel(
     K, num_pairs, stride_x,
     TOPK: tl.constexpr, HAS_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, SCALE_A: tl.constexpr, WIDE: tl.constexpr, SQRT_W: tl.constexpr,
+    SORTED: tl.constexpr,
 ):
     tile = tl.program_id(0)
     e = tl.program_id(1)
@@ -51,9 +57,14 @@ def _expert_hessian_kernel(
     acc = tl.zeros((BLOCK_K, WIDE * BLOCK_K), dtype=tl.float32)
     for p0 in range(start, end, BLOCK_T):  # the expert's run is a whole number of blocks
         offs_p = p0 + tl.arange(0, BLOCK_T)
-        pair = tl.load(sorted_ids_ptr + offs_p)
-        valid = pair < num_pairs  # padding slots hold num_pairs
-        row = (pair // TOPK).to(tl.int64) * stride_x
+        if SORTED:  # x holds the rows in sorted order already (`sorted_rows`), padding rows zero
+            pair = offs_p
+            valid = offs_p >= 0
+            row = offs_p.to(tl.int64) * stride_x
+        else:
+            pair = tl.load(sorted_ids_ptr + offs_p)
+            valid = pair < num_pairs  # padding slots hold num_pairs
+            row = (pair // TOPK).to(tl.int64) * stride_x
         a = tl.load(x_ptr + row[:, None] + offs_i[None, :], mask=valid[:, None] & mask_i[None, :], other=0.0)
         b = tl.load(x_ptr + row[:, None] + offs_j[None, :], mask=valid[:, None] & mask_j[None, :], other=0.0)
         if HAS_W:
@@ -91,6 +102,48 @@ def _store_square(h_base, acc, ti, tj, K, BLOCK_K: tl.constexpr):
         tl.store(ptr_ij, tl.load(ptr_ij, mask=mask) + acc, mask=mask)
         ptr_ji = h_base + offs_j[None, :] * K + offs_i[:, None]  # tile (j, i) = acc transposed
         tl.store(ptr_ji, tl.load(ptr_ji, mask=mask) + acc, mask=mask)
+
+
+@triton.jit
+def _sorted_rows_kernel(x_ptr, w_ptr, sorted_ids_ptr, num_padded_ptr, out_ptr, K, num_pairs, stride_x,
+                        TOPK: tl.constexpr, HAS_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[q] = x[p // TOPK] · √w[p] for the pair p at sorted position q (product in fp32, rounded once to x's
+    dtype); padding positions get zero rows. Positions past num_padded are left alone (no expert reads them)."""
+    q0 = tl.program_id(0) * BLOCK_R
+    if q0 >= tl.load(num_padded_ptr):
+        return
+    offs_q = q0 + tl.arange(0, BLOCK_R)
+    pair = tl.load(sorted_ids_ptr + offs_q)
+    valid = pair < num_pairs
+    row = (pair // TOPK).to(tl.int64) * stride_x
+    if HAS_W:
+        r = tl.sqrt_rn(tl.load(w_ptr + pair, mask=valid, other=0.0).to(tl.float32))[:, None]
+    out_row = offs_q.to(tl.int64)[:, None] * K
+    for c0 in range(0, K, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = (offs_c < K)[None, :]
+        v = tl.load(x_ptr + row[:, None] + offs_c[None, :], mask=valid[:, None] & mask_c, other=0.0)
+        if HAS_W:
+            v = (v.to(tl.float32) * r).to(x_ptr.dtype.element_ty)
+        tl.store(out_ptr + out_row + offs_c[None, :], v, mask=mask_c)
+
+
+def sorted_rows(x, topk_ids, weights, al):
+    """The rows the Hessian kernel multiplies, formed once in the alignment's sorted order: [capacity, K], row q =
+    x[t]·√w[t, s] for the pair (t, s) at position q, zero at padding positions. One pass that reads x (through L2,
+    each token once per expert it went to) and writes pairs·K elements; the kernel then reads whole blocks of
+    contiguous rows instead of gathering them, with no scaling between load and dot."""
+    T, K = x.shape
+    out = torch.empty(al.sorted_ids.numel(), K, dtype=x.dtype, device=x.device)
+    w = None if weights is None else weights.contiguous()
+    block_r, block_c = (8, 32) if interpreting() else (8, 256)
+    kernel = kernel_for(_sorted_rows_kernel, x.device, "expert_hessians")
+    kernel[(triton.cdiv(out.shape[0], block_r),)](
+        x, w if w is not None else x, al.sorted_ids, al.num_padded, out, K, al.num_pairs, x.stride(0),
+        TOPK=topk_ids.shape[1], HAS_W=w is not None, BLOCK_R=block_r, BLOCK_C=block_c,
+        **({} if interpreting() else {"num_warps": 4}),
+    )
+    return out
 
 
 # Tile shape by default: 1 = square tiles, 2 = two squares side by side. Measured on the H100 (2026-11-25,
@@ -139,7 +192,7 @@ def _check(x, topk_ids, weights, num_experts, H, counts):
 
 
 def expert_hessians(x, topk_ids, weights, num_experts, H=None, counts=None, *, block_k=None, block_t=None,
-                    num_warps=None, num_stages=None, scale_a=True, wide=None, sqrt_w=False):
+                    num_warps=None, num_stages=None, scale_a=True, wide=None, sqrt_w=False, form_rows=None):
     """H_e += sum over pairs (t, s) routed to e of w[t, s] * x_t x_tᵀ; counts_e += number of such pairs.
 
     x [T, K] bf16/fp16/fp32, topk_ids [T, k] int, weights [T, k] or None (plain GPTQ Hessians).
@@ -149,6 +202,9 @@ def expert_hessians(x, topk_ids, weights, num_experts, H=None, counts=None, *, b
     wide: 1 (square tiles) or 2 (tiles of two squares side by side: module docstring); None: `WIDE`.
     sqrt_w: weight both operands by sqrt(w) (each rounded once to x's dtype) instead of one by w: the same sum in
     exact arithmetic, and a Gram matrix (PSD) after rounding.
+    form_rows: form those rows first in sorted order (`sorted_rows`) and run the unweighted kernel on them; the
+    default with sqrt_w (measured faster than scaling in the kernel, BENCHMARKS.md). Without weights: the plain
+    rows (a copy). The same products either way; only the order of the fp32 sums may differ.
     """
     _check(x, topk_ids, weights, num_experts, H, counts)
     kernel = kernel_for(_expert_hessian_kernel, x.device, "expert_hessians")
@@ -164,16 +220,23 @@ def expert_hessians(x, topk_ids, weights, num_experts, H=None, counts=None, *, b
     # Defaults from the H100 sweep of 2026-11-24 (E=64, K=2048, 64k tokens; /work/notes/bench_kernels.md):
     # GPTQ 32-row steps, 5 stages; AGQ (the scaling sits between load and dot) 64-row steps, 4 stages.
     fp32 = x.dtype == torch.float32
-    bt = block_t or (16 if interp else (32 if weights is None or fp32 else 64))
+    if form_rows is None:
+        form_rows = sqrt_w and weights is not None
+    if form_rows and weights is not None and not sqrt_w:
+        raise ValueError("expert_hessians: form_rows with weights forms the rows x·√w; pass sqrt_w=True")
+    in_kernel_w = weights is not None and not form_rows  # the kernel scales operands between load and dot
+    bt = block_t or (16 if interp else (64 if in_kernel_w and not fp32 else 32))
     wide = wide or WIDE
     if wide not in (1, 2):
         raise ValueError(f"expert_hessians: wide must be 1 or 2, got {wide}")
     num_warps = num_warps or (4 if wide == 1 else 8)
-    num_stages = num_stages or (3 if fp32 else (5 if weights is None else 4))
+    num_stages = num_stages or (3 if fp32 else (4 if in_kernel_w else 5))
     x = x if x.stride(1) == 1 else x.contiguous()
     topk = topk_ids.shape[1]
     al = moe_align(topk_ids, num_experts, bt)
     w = None if weights is None else weights.contiguous()
+    if form_rows:
+        x, w = sorted_rows(x, topk_ids, w, al), None
     tiles = _upper_tiles(triton.cdiv(K, bk), x.device, wide)
     grid = (tiles.shape[0], num_experts)
     precision = "tf32x3" if x.dtype == torch.float32 else "tf32"  # 16-bit operands ignore it
@@ -181,7 +244,7 @@ def expert_hessians(x, topk_ids, weights, num_experts, H=None, counts=None, *, b
         x, w if w is not None else x, al.sorted_ids, al.expert_offsets, tiles, H,
         K, al.num_pairs, x.stride(0),
         TOPK=topk, HAS_W=w is not None, BLOCK_T=bt, BLOCK_K=bk, DOT_PRECISION=precision, SCALE_A=scale_a, WIDE=wide,
-        SQRT_W=bool(sqrt_w) and w is not None,
+        SQRT_W=bool(sqrt_w) and w is not None, SORTED=bool(form_rows),
         **({} if interp else {"num_warps": num_warps, "num_stages": num_stages}),
     )
     counts += al.counts

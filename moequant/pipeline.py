@@ -52,7 +52,6 @@ from .models.adapter import ModelAdapter, MoEBlock, get_adapter
 from .packing import PackedWeight, dequantize, packed_rows
 from .quant.gptq import _matmul_precision, gptq_quantize, gptq_workspace_bytes
 from .quant.hessian import dense_hessian_, expert_hessians, uses_kernel
-from .quant.hessian import scaled_pair_rows as _scaled_pair_rows, scaled_rows as _scaled_rows
 from .quant.quantizer import rtn, to_packed
 from .streaming import put_tensor
 
@@ -744,18 +743,10 @@ class LayerCollector:
             local = (lambda i: i) if self.local_of is None else (lambda i: self.local_of[i])
             n = len(self.owned)
             backend = self.cfg.hessian_backend
-            if w is None:  # the kernel takes every (token, slot) pair of x itself
-                rows, rows_ids = x, ids
-            elif ids.shape[1] == 1:
-                rows, rows_ids = _scaled_rows(x, w), ids
-            else:  # all pairs, one row each in (token, slot) order
-                rows, rows_ids = _scaled_pair_rows(x, w), ids.reshape(-1, 1)
-            expert_hessians(rows, local(rows_ids), None, n, self.H_gate_up, self.n_gate_up, backend=backend)
-            del rows
+            # AGQ: the Gram matrices of the rows x·√w, one row per (token, expert) pair (`scaled_rows`); the kernel
+            # forms them in its sorted order, the torch path in (token, slot) order
+            expert_hessians(x, local(ids), w, n, self.H_gate_up, self.n_gate_up, backend=backend, sqrt_w=True)
             rows, rid, rw = expert_intermediates(mod, x, ids, w)
-            # the rows x·√w scaled inside the kernel (sqrt_w) instead of formed first: on down's one row per pair
-            # this measured faster (H100, 64k tokens x 6: 4.09 vs 4.50 ms); on gate_up above, where every token's
-            # row is read k times, forming the rows stays faster (7.69 vs 8.39 ms; BENCHMARKS.md)
             expert_hessians(rows, local(rid), rw, n, self.H_down, self.n_down, backend=backend, sqrt_w=True)
 
     def remove(self):

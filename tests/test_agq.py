@@ -129,7 +129,7 @@ def test_qwen2_shared_expert_is_affinity_weighted():
 
 @interpreter_only(_expert_hessian_kernel)
 def test_hessian_backends_agree_on_agq():
-    """The Triton path of the capture hooks (gate_up from √w rows, down scaled inside the kernel, `sqrt_w`) against
+    """The Triton path of the capture hooks (the √w rows of gate_up and down formed by the kernel, `sqrt_w`) against
     the torch path, on one AGQ layer: the same rows' Gram matrices. CPU: through Triton's interpreter, in fp16."""
     torch.manual_seed(2)
     model = make_tiny("mixtral", experts=4).half()

@@ -155,21 +155,39 @@ def test_hessians_gpu_fp32_and_down_proj():
 
 
 def _check_sqrt_w_is_scaled_rows(x, ids, w, E, tol):
-    """sqrt_w=True: the rows x·√w of the pipeline (`scaled_pair_rows`: fp32 product, rounded once), on both sides,
-    without forming them; against the unweighted kernel on those rows (topk_ids [T·k, 1]) and the exact sum."""
+    """sqrt_w=True: the Gram matrix of the rows x·√w (`scaled_pair_rows`: fp32 product, rounded once); against the
+    unweighted kernel on rows formed by torch (topk_ids [T·k, 1]: the same pairs in the same sorted order) and the
+    exact sum. Both ways of getting the rows: formed in sorted order first (default) and scaled inside the kernel.
+    tol=0: the formed rows must give the same bits (same products summed in the same order)."""
     from moequant.quant.hessian import scaled_pair_rows
-    H, c = expert_hessians(x, ids, w, E, sqrt_w=True)
     Hr, cr = expert_hessians(scaled_pair_rows(x, w), ids.reshape(-1, 1), None, E)
-    assert torch.equal(c, cr) and torch.equal(H, H.transpose(1, 2))
-    assert _rel(H, Hr.double().cpu()) < tol  # the same products; the sums may be ordered differently
-    assert _rel(H, _exact(x, ids, w, E)) < 4e-3
+    for form_rows in (True, False):
+        H, c = expert_hessians(x, ids, w, E, sqrt_w=True, form_rows=form_rows)
+        assert torch.equal(c, cr) and torch.equal(H, H.transpose(1, 2))
+        if form_rows and tol == 0:
+            assert torch.equal(H, Hr)
+        assert _rel(H, Hr.double().cpu()) < max(tol, 1e-6), form_rows  # in the kernel: another order of the sums
+        assert _rel(H, _exact(x, ids, w, E)) < 4e-3
+
+
+def _check_formed_rows_match_gather(x, ids, E):
+    """Without weights, form_rows=True copies the rows in sorted order: the same products in the same order as
+    the gathering kernel, so the same bits; and onto a filled H / counts it accumulates."""
+    H, c = expert_hessians(x, ids, None, E)
+    H0 = torch.randn(H.shape, generator=torch.Generator().manual_seed(9)).to(H.device)
+    Hf, cf = expert_hessians(x, ids, None, E, H=H0.clone(), counts=c.clone(), form_rows=True)
+    assert torch.equal(cf, 2 * c)
+    assert torch.equal(Hf, H0 + H)
+    with pytest.raises(ValueError, match="sqrt_w=True"):
+        expert_hessians(x, ids, torch.rand(ids.shape, device=x.device), E, form_rows=True)
 
 
 @interpreter
 def test_hessians_sqrt_w_cpu_interpreter():
     gen = torch.Generator().manual_seed(5)
     x, ids, w = _inputs(40, 56, 3, 2, torch.float16, "cpu", True, gen)
-    _check_sqrt_w_is_scaled_rows(x, ids, w, 3, 1e-6)
+    _check_sqrt_w_is_scaled_rows(x, ids, w, 3, 0)
+    _check_formed_rows_match_gather(x, ids, 3)
 
 
 @gpu
@@ -177,3 +195,4 @@ def test_hessians_sqrt_w_gpu():
     gen = torch.Generator().manual_seed(6)
     x, ids, w = _inputs(3000, 1000, 16, 4, torch.bfloat16, "cuda", True, gen)
     _check_sqrt_w_is_scaled_rows(x, ids, w, 16, 1e-6)
+    _check_formed_rows_match_gather(x, ids, 16)

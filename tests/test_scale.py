@@ -488,12 +488,13 @@ def test_packed_bytes_estimate_is_what_the_write_back_stages(settings):
 
 def test_sync_free_capture_pieces_match_the_plain_ops():
     from moequant import pipeline as pl
+    from moequant.quant.hessian import scaled_pair_rows, scaled_rows
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(37, 24, generator=g).to(torch.bfloat16)
     w = torch.rand(37, 3, generator=g)
-    rows = pl._scaled_pair_rows(x, w)
-    assert torch.equal(rows, pl._scaled_rows(x.repeat_interleave(3, 0), w.reshape(-1, 1)))
+    rows = scaled_pair_rows(x, w)
+    assert torch.equal(rows, scaled_rows(x.repeat_interleave(3, 0), w.reshape(-1, 1)))
     ids = torch.randint(0, 6, (37, 3), generator=g)
     ids[ids == 4] = 5  # an expert with no pairs
     counts = torch.ones(7, dtype=torch.int64)

@@ -46,8 +46,8 @@ def uses_kernel(x: torch.Tensor, backend: str = "auto") -> bool:
 def expert_hessians(x, topk_ids, weights, num_experts, H=None, counts=None, backend: str = "auto",
                     sqrt_w: bool = False):
     """Per-expert Hessians of the routed tokens; see `moequant.reference.expert_hessians_ref` for the math.
-    sqrt_w: the Gram matrix of the rows x·√w (`scaled_rows`: rounded once to x's dtype, so PSD); the kernel scales
-    both operands itself, the reference sums the formed rows."""
+    sqrt_w: the Gram matrix of the rows x·√w (`scaled_rows`: rounded once to x's dtype, so PSD); the kernel forms
+    them in its sorted order (`moequant.kernels.expert_hessians.sorted_rows`), the reference in (token, slot) order."""
     if uses_kernel(x, backend):
         from ..kernels import expert_hessians as kernel  # Triton; needs a GPU (or TRITON_INTERPRET=1)
 
