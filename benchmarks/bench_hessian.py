@@ -1,7 +1,7 @@
 """Per-expert Hessians: moequant.kernels.expert_hessians against the torch per-expert loop, on one GPU.
 
     python benchmarks/bench_hessian.py [--tokens 8192,65536] [--modes GPTQ,AGQ-rows] [--out bench_out]
-    python benchmarks/bench_hessian.py --sweep            tile configs, E=64, K=2048, 64k tokens
+    python benchmarks/bench_hessian.py --sweep [--configs 128:32:4:5,...]   tile configs, E=64, K=2048, 64k tokens
     python benchmarks/bench_hessian.py --profile          each mode once on that case (run it under ncu)
 
 Cases: gate_up inputs (x [T, K] with topk_ids [T, k]) for DeepSeek-V2-Lite (E=64, k=6, K=2048) and
@@ -63,12 +63,14 @@ MODES = {  # name: (weighted, keyword arguments of expert_hessians)
 }
 
 
-def sweep():
+SWEEP = ((128, 32, 4, 5), (128, 32, 8, 5), (128, 32, 8, 4), (128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 4),
+         (128, 128, 8, 3), (64, 64, 4, 4), (256, 64, 8, 3))  # (block_k, block_t, warps, stages)
+
+
+def sweep(modes, configs=SWEEP):
     gen = torch.Generator(device="cuda").manual_seed(1)
     E, k, K, T = 64, 6, 2048, 65536
-    configs = ((128, 32, 4, 5), (128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3),
-               (128, 128, 8, 4), (64, 64, 4, 4), (256, 64, 8, 3))
-    for mode in ("GPTQ", "GPTQ-rows", "AGQ-rows"):
+    for mode in modes:
         weighted, kw = MODES[mode]
         x, ids, w = inputs(T, E, k, K, False, weighted, gen)
         H = torch.zeros(E, K, K, device="cuda")
@@ -115,6 +117,7 @@ def main():
     ap.add_argument("--tokens", default="8192,65536")
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
+    ap.add_argument("--configs", help="for --sweep: block_k:block_t:warps:stages,... (default: SWEEP)")
     ap.add_argument("--sweep", action="store_true", help="time tile configs on the E=64, K=2048, 64k-token case and exit")
     ap.add_argument("--profile", action="store_true", help="run each of --modes once on that case (for ncu) and exit")
     args = ap.parse_args()
@@ -124,7 +127,8 @@ def main():
             ap.error(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
     os.makedirs(args.out, exist_ok=True)
     if args.sweep:
-        sweep()
+        configs = SWEEP if not args.configs else [tuple(int(v) for v in c.split(":")) for c in args.configs.split(",")]
+        sweep(modes, configs)
         return
     if args.profile:
         profile(modes, args.out)

@@ -8,6 +8,8 @@
 #   NCU_POINTS="mixtral:16,mixtral:4096"  points profiled by `ncu --set full` (GEMM1 + GEMM2 of ours; of $NCU_V1 first)
 #   HESSIAN_ARGS="--tokens 65536"          arguments of bench_hessian.py
 #   HESSIAN_MODES="GPTQ,AGQ,AGQ-rows"      the modes step ncu_hessian profiles (`ncu --set full`, DSV2 gate_up, 64k)
+#                                          and step hsweep times (default there GPTQ,GPTQ-rows,AGQ-rows)
+#   HSWEEP_CONFIGS="128:32:8:5,..."        hsweep's tile configs, block_k:block_t:warps:stages (default: SWEEP)
 #   TESTS="tests/test_kernels_fused_moe.py"  the GPU test files (default: both kernel test files); TEST_K="expr": pytest -k
 # Logs go to $OUT as they are written; CSVs, plots and ncu exports to a work folder packed into
 # $OUT/kernels_run.tgz after every step (a run cut short still returns what it finished); the ncu report
@@ -47,7 +49,8 @@ for step in ${STEPS:-tests hessian moe}; do
          ncu --import "$W/ncu_moe.ncu-rep" --page details --csv > "$W/ncu_details.csv" 2>>"$OUT/ncu_run.log"
          $PY benchmarks/bench_moe_gemm.py --ncu-summary "$W/ncu_raw.csv" --out "$W" 2>&1 | tee "$OUT/ncu_summary.log" \
            || rc=1 ;;
-    hsweep) $PY benchmarks/bench_hessian.py --sweep --out "$W" 2>&1 | tee "$OUT/hessian_sweep.log" || rc=1 ;;
+    hsweep) $PY benchmarks/bench_hessian.py --sweep --modes "${HESSIAN_MODES:-GPTQ,GPTQ-rows,AGQ-rows}" \
+              ${HSWEEP_CONFIGS:+--configs $HSWEEP_CONFIGS} --out "$W" 2>&1 | tee "$OUT/hessian_sweep.log" || rc=1 ;;
     ncu_hessian) ncu --set full --clock-control none -k regex:'_expert_hessian|_sorted_rows' -f -o "$W/ncu_hessian" \
            $PY benchmarks/bench_hessian.py --profile --modes "${HESSIAN_MODES:-GPTQ,AGQ,AGQ-rows}" --out "$W" \
            > "$OUT/ncu_hessian_run.log" 2>&1 || { rc=1; tail -20 "$OUT/ncu_hessian_run.log"; }
