@@ -548,13 +548,14 @@ def expert_intermediates(experts: nn.Module, x: torch.Tensor, ids: torch.Tensor,
 
 def _dense_hessian(H: torch.Tensor, x: torch.Tensor, c: torch.Tensor | None, backend: str) -> None:
     """H += Σ_t c_t x_t x_tᵀ. On CUDA through the expert-Hessian kernel as one expert (bf16 tensor cores, fp32 sums,
-    upper triangle only); the product of two bf16 numbers is exact in fp32, so only the summation order differs."""
+    upper triangle only); the product of two bf16 numbers is exact in fp32, so without c only the summation order
+    differs. With c: the Gram matrix of the rows x·√c rounded once to x's dtype (`sqrt_w`), PSD like the experts'."""
     x = x.reshape(-1, x.shape[-1])
     if uses_kernel(x, backend):
         ids = torch.zeros(x.shape[0], 1, dtype=torch.int64, device=x.device)
         w = None if c is None else c.reshape(-1, 1).float()
         expert_hessians(x, ids, w, 1, H.unsqueeze(0), torch.zeros(1, dtype=torch.int64, device=x.device),
-                        backend=backend)
+                        backend=backend, sqrt_w=True)
     else:
         dense_hessian_(H, x, c)
 

@@ -149,3 +149,34 @@ def test_hessian_backends_agree_on_agq():
     for a, b in ((t.H_gate_up, k.H_gate_up), (t.H_down, k.H_down)):
         assert a.abs().sum() > 0 and torch.equal(b, b.transpose(1, 2))
         assert ((a - b).norm() / a.norm()).item() < 1e-5  # the same fp16 rows; fp32 sums in another order
+
+
+@interpreter_only(_expert_hessian_kernel)
+def test_shared_expert_hessian_on_the_kernel_is_the_gram_matrix_of_its_rows():
+    """Qwen2-MoE's gated shared expert on the Triton path: H = Σ_t r_t r_tᵀ with r_t = x_t·√c_t rounded once to fp16,
+    the Gram matrix of the rows the kernel multiplies (PSD), not c_t x_t x_tᵀ with c on one side. CPU: interpreter."""
+    torch.manual_seed(3)
+    model = make_tiny("qwen2_moe", experts=4).half()
+    adapter = get_adapter(model)
+    ids = torch.randint(3, 256, (2, 16))
+    inputs = capture_layer_inputs(adapter, [ids], "cpu")
+    col = LayerCollector(adapter.layers[0], adapter, QuantConfig(method="agq", group_size=32,
+                                                                 hessian_backend="triton"), "cpu")
+    blk = adapter.moe_block(adapter.layers[0])
+    got = {}
+
+    def grab(_m, a):
+        got.setdefault("x", a[0].reshape(-1, a[0].shape[-1]))  # returns None: the input stays unchanged
+
+    h = blk.module.register_forward_pre_hook(grab)
+    with torch.no_grad():
+        adapter.layers[0](inputs[0][0], **inputs[0][1])
+        c = torch.sigmoid(blk.shared_gate(got["x"])).float().squeeze(-1)  # the gate as the model applies it (fp16)
+    h.remove()
+    col.remove()
+    x = got["x"].float()
+    rows = (x * c.sqrt()[:, None]).half().float()
+    H = col.dense_H["mlp.shared_expert.gate_proj"]
+    assert ((H - rows.T @ rows).norm() / H.norm()).item() < 1e-5
+    one_sided = (x * c[:, None]).half().float().T @ x
+    assert ((H - one_sided).norm() / H.norm()).item() > 1e-4  # the test tells the two roundings apart
