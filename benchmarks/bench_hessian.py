@@ -54,12 +54,12 @@ def inputs(T, E, k, K, down, weighted, gen):
     return x, ids, (aff if weighted else None)
 
 
-MODES = {  # name: (weighted, keyword arguments of expert_hessians)
-    "GPTQ": (False, {}),
-    "GPTQ-rows": (False, {"form_rows": True}),
-    "AGQ": (True, {}),
-    "AGQ-sqrt": (True, {"sqrt_w": True, "form_rows": False}),
-    "AGQ-rows": (True, {"sqrt_w": True}),
+MODES = {  # name: (weighted, rows formed by `sorted_rows` first, keyword arguments of expert_hessians)
+    "GPTQ": (False, False, {}),
+    "GPTQ-rows": (False, True, {"form_rows": True}),
+    "AGQ": (True, False, {}),
+    "AGQ-sqrt": (True, False, {"sqrt_w": True, "form_rows": False}),
+    "AGQ-rows": (True, True, {"sqrt_w": True}),
 }
 
 
@@ -71,7 +71,7 @@ def sweep(modes, configs=SWEEP):
     gen = torch.Generator(device="cuda").manual_seed(1)
     E, k, K, T = 64, 6, 2048, 65536
     for mode in modes:
-        weighted, kw = MODES[mode]
+        weighted, _, kw = MODES[mode]
         x, ids, w = inputs(T, E, k, K, False, weighted, gen)
         H = torch.zeros(E, K, K, device="cuda")
         Hr, _ = expert_hessians(x, ids, w, E, **kw)
@@ -97,8 +97,7 @@ def profile(modes, out):
     E, k, K, T = 64, 6, 2048, 65536
     labels = []
     for mode in modes:
-        weighted, kw = MODES[mode]
-        formed = kw.get("form_rows", kw.get("sqrt_w", False))
+        weighted, formed, kw = MODES[mode]
         H = torch.zeros(E, K, K, device="cuda")
         for tokens, tag in ((256, " warm-up"), (T, "")):
             x, ids, w = inputs(tokens, E, k, K, False, weighted, gen)
@@ -142,7 +141,7 @@ def main():
         for T in [int(t) for t in args.tokens.split(",")]:
             loop_ms = {}  # the loop's time depends on the weighting only
             for mode in modes:
-                weighted, kw = MODES[mode]
+                weighted, formed, kw = MODES[mode]
                 x, ids, w = inputs(T, E, k, K, down, weighted, gen)
                 H = torch.zeros(E, K, K, device="cuda")
                 c = torch.zeros(E, dtype=torch.int64, device="cuda")
@@ -155,9 +154,9 @@ def main():
                 t_zero = time_fn(lambda: H.zero_())  # the zeroing is not part of the kernel's work
                 t_ours -= t_zero
                 t_pass = float("nan")
-                if kw.get("form_rows", kw.get("sqrt_w", False)):
+                if formed:
                     al = moe_align(ids, E, 32)  # the block the kernel uses for formed rows
-                    t_pass = time_fn(lambda: sorted_rows(x, ids, w, al))
+                    t_pass = time_fn(lambda: sorted_rows(x, w, al, ids.shape[1]))
                     del al
                 if weighted not in loop_ms:
                     loop_ms[weighted] = time_fn(lambda: expert_hessians_ref(x, ids, w, E), reps=3, warmup=1)

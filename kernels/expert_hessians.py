@@ -129,19 +129,20 @@ def _sorted_rows_kernel(x_ptr, w_ptr, sorted_ids_ptr, num_padded_ptr, out_ptr, K
         tl.store(out_ptr + out_row + offs_c[None, :], v, mask=mask_c)
 
 
-def sorted_rows(x, topk_ids, weights, al):
+def sorted_rows(x, weights, al, topk):
     """The rows the Hessian kernel multiplies, formed once in the alignment's sorted order: [capacity, K], row q =
     x[t]·√w[t, s] for the pair (t, s) at position q, zero at padding positions. One pass that reads x (through L2,
     each token once per expert it went to) and writes pairs·K elements; the kernel then reads whole blocks of
-    contiguous rows instead of gathering them, with no scaling between load and dot."""
-    T, K = x.shape
+    contiguous rows instead of gathering them, with no scaling between load and dot. topk: routing slots per row
+    of x (the k of the topk_ids that `al` aligned)."""
+    K = x.shape[1]
     out = torch.empty(al.sorted_ids.numel(), K, dtype=x.dtype, device=x.device)
     w = None if weights is None else weights.contiguous()
     block_r, block_c = (8, 32) if interpreting() else (8, 256)
     kernel = kernel_for(_sorted_rows_kernel, x.device, "expert_hessians")
     kernel[(triton.cdiv(out.shape[0], block_r),)](
         x, w if w is not None else x, al.sorted_ids, al.num_padded, out, K, al.num_pairs, x.stride(0),
-        TOPK=topk_ids.shape[1], HAS_W=w is not None, BLOCK_R=block_r, BLOCK_C=block_c,
+        TOPK=topk, HAS_W=w is not None, BLOCK_R=block_r, BLOCK_C=block_c,
         **({} if interpreting() else {"num_warps": 4}),
     )
     return out
@@ -237,7 +238,7 @@ def expert_hessians(x, topk_ids, weights, num_experts, H=None, counts=None, *, b
     al = moe_align(topk_ids, num_experts, bt)
     w = None if weights is None else weights.contiguous()
     if form_rows:
-        x, w = sorted_rows(x, topk_ids, w, al), None
+        x, w = sorted_rows(x, w, al, topk), None
     tiles = _upper_tiles(triton.cdiv(K, bk), x.device, wide)
     grid = (tiles.shape[0], num_experts)
     precision = "tf32x3" if x.dtype == torch.float32 else "tf32"  # 16-bit operands ignore it

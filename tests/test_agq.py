@@ -11,8 +11,8 @@ from moequant.pipeline import LayerCollector, capture_layer_inputs
 from moequant.reference import expert_hessians_ref
 
 
-def _block_input(model, adapter, layer_idx, ids):
-    """The hidden states entering the MoE block of one layer (captured from the model's own forward)."""
+def _block_input(adapter, layer_idx, run):
+    """The hidden states entering the MoE block of one layer, captured while run() does a forward (no grad)."""
     got = {}
     blk = adapter.moe_block(adapter.layers[layer_idx])
 
@@ -21,7 +21,7 @@ def _block_input(model, adapter, layer_idx, ids):
 
     h = blk.module.register_forward_pre_hook(grab)
     with torch.no_grad():
-        model(ids)
+        run()
     h.remove()
     return got["x"], blk
 
@@ -48,7 +48,7 @@ def test_affinities_and_hessians_match_the_model(model_type):
     adapter = get_adapter(model)
     li, blk = adapter.moe_blocks()[0]
     ids = torch.randint(3, 256, (2, 24))
-    x, blk = _block_input(model, adapter, li, ids)
+    x, blk = _block_input(adapter, li, lambda: model(ids))
     E = blk.num_experts
 
     # Hessians from the pipeline's capture hooks (AGQ, affinity power 1)
@@ -88,7 +88,7 @@ def test_gptq_hessians_are_unweighted():
     with torch.no_grad():
         adapter.layers[0](inputs[0][0], **inputs[0][1])
     col.remove()
-    x, blk = _block_input(model, adapter, 0, ids)
+    x, blk = _block_input(adapter, 0, lambda: model(ids))
     index, _ = blk.route(x)
     H, n = expert_hessians_ref(x, index, None, 4)
     torch.testing.assert_close(col.H_gate_up, H, rtol=1e-4, atol=1e-4)
@@ -121,7 +121,7 @@ def test_qwen2_shared_expert_is_affinity_weighted():
     with torch.no_grad():
         adapter.layers[0](inputs[0][0], **inputs[0][1])
     col.remove()
-    x, blk = _block_input(model, adapter, 0, ids)
+    x, blk = _block_input(adapter, 0, lambda: model(ids))
     c = torch.sigmoid(blk.shared_gate(x)).squeeze(-1)
     H = (x * c[:, None]).T @ x
     torch.testing.assert_close(col.dense_H["mlp.shared_expert.gate_proj"], H, rtol=1e-4, atol=1e-4)
@@ -162,19 +162,11 @@ def test_shared_expert_hessian_on_the_kernel_is_the_gram_matrix_of_its_rows():
     inputs = capture_layer_inputs(adapter, [ids], "cpu")
     col = LayerCollector(adapter.layers[0], adapter, QuantConfig(method="agq", group_size=32,
                                                                  hessian_backend="triton"), "cpu")
-    blk = adapter.moe_block(adapter.layers[0])
-    got = {}
-
-    def grab(_m, a):
-        got.setdefault("x", a[0].reshape(-1, a[0].shape[-1]))  # returns None: the input stays unchanged
-
-    h = blk.module.register_forward_pre_hook(grab)
-    with torch.no_grad():
-        adapter.layers[0](inputs[0][0], **inputs[0][1])
-        c = torch.sigmoid(blk.shared_gate(got["x"])).float().squeeze(-1)  # the gate as the model applies it (fp16)
-    h.remove()
+    x, blk = _block_input(adapter, 0, lambda: adapter.layers[0](inputs[0][0], **inputs[0][1]))
     col.remove()
-    x = got["x"].float()
+    with torch.no_grad():
+        c = torch.sigmoid(blk.shared_gate(x)).float().squeeze(-1)  # the gate as the model applies it (fp16)
+    x = x.float()
     rows = (x * c.sqrt()[:, None]).half().float()
     H = col.dense_H["mlp.shared_expert.gate_proj"]
     assert ((H - rows.T @ rows).norm() / H.norm()).item() < 1e-5

@@ -53,6 +53,6 @@ def expert_hessians(x, topk_ids, weights, num_experts, H=None, counts=None, back
 
         return kernel(x, topk_ids, weights, num_experts, H=H, counts=counts, sqrt_w=sqrt_w)
     if sqrt_w and weights is not None:
-        x = scaled_rows(x, weights) if topk_ids.shape[1] == 1 else scaled_pair_rows(x, weights)
+        x = scaled_pair_rows(x, weights)  # one row per (token, slot); with k = 1 that is scaled_rows
         topk_ids, weights = topk_ids.reshape(-1, 1), None
     return expert_hessians_ref(x, topk_ids, weights, num_experts, H=H, counts=counts)
